@@ -1,0 +1,90 @@
+"""The ``sdxl-export`` command: a thin argparse layer over the library.
+
+Each stage registers its own subcommands (``export/cli.py``, ``engines/cli.py``,
+``runtime/cli.py``, ``benchmarks/cli.py``) through a ``register(subparsers)`` function
+that sets ``func`` on its parser. Errors raised on purpose (:class:`SDXLExportError`)
+become one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from typing import Sequence
+
+from . import __version__
+from .errors import SDXLExportError
+
+log = logging.getLogger("sdxl_export")
+
+#: Modules that contribute subcommands, in help order.
+SUBCOMMAND_MODULES = (
+    "sdxl_export.export.cli",
+    "sdxl_export.engines.cli",
+    "sdxl_export.runtime.cli",
+    "sdxl_export.benchmarks.cli",
+)
+
+
+def setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("sdxl_export")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    # Third-party chatter (progress bars, deprecation notices) is not ours to print.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    for name in ("transformers", "diffusers", "torch.onnx", "polygraphy"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdxl-export",
+        description="Export SDXL to ONNX, build TensorRT (or ONNX Runtime) engines over its aspect "
+        "buckets, and run base+refiner sampling on them.",
+    )
+    parser.add_argument("--version", action="version", version=f"sdxl-export {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod_name in SUBCOMMAND_MODULES:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == mod_name:  # stage not written yet
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    setup_logging(-1 if args.quiet else args.verbose)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    try:
+        rc = args.func(args)
+    except SDXLExportError as exc:
+        print(f"sdxl-export: error: {exc.one_line()}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("sdxl-export: interrupted (partial files are temporary and will be cleaned up)", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

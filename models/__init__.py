@@ -1,0 +1,6 @@
+"""SDXL models to export: embedded presets built from a seed, diffusers folders, hub ids."""
+
+from .loader import SDXLModel, build_preset, load_model
+from .presets import PRESETS, preset_names
+
+__all__ = ["SDXLModel", "build_preset", "load_model", "PRESETS", "preset_names"]
