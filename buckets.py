@@ -59,20 +59,20 @@ def sdxl_buckets() -> tuple[Bucket, ...]:
 def buckets_for(native: int = SDXL_NATIVE) -> tuple[Bucket, ...]:
     """The 40 buckets scaled from SDXL's 1024 native size to ``native`` pixels.
 
-    Sizes are scaled by ``native / 1024`` and rounded to a multiple of 8 (a latent
-    pixel), so a 256-native model gets 128x512 ... 512x128.
+    Sizes are scaled by ``native / 1024`` and rounded to a multiple of 64 pixels (8
+    latent pixels, as every SDXL bucket is), keeping the UNets' down/up-sampling exact.
+    At small native sizes neighbouring buckets can round to the same size: duplicates
+    are dropped, table order is kept (a 256-native model has 128x512 ... 512x128).
     """
     if native == SDXL_NATIVE:
         return sdxl_buckets()
     scale = native / SDXL_NATIVE
-    out = []
-    for b in sdxl_buckets():
-        out.append(Bucket(_round8(b.height * scale), _round8(b.width * scale)))
-    return tuple(out)
+    out = (Bucket(_round64(b.height * scale), _round64(b.width * scale)) for b in sdxl_buckets())
+    return tuple(dict.fromkeys(out))
 
 
-def _round8(x: float) -> int:
-    return max(8, int(round(x / 8)) * 8)
+def _round64(x: float) -> int:
+    return max(64, int(round(x / 64)) * 64)
 
 
 def nearest_bucket(height: int, width: int, native: int = SDXL_NATIVE) -> Bucket:

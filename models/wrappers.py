@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.loader import SDXLModel
+from .loader import SDXLModel
 from ..specs import ComponentSpec
 
 
