@@ -1,0 +1,91 @@
+"""Backend registry: name -> factory that opens one component from an artifact folder.
+
+Each backend module exposes ``available() -> tuple[bool, str]`` (and why not) and
+``create(ctx: ComponentContext) -> ComponentRunner``. Modules are imported lazily, so
+a machine without TensorRT or CUDA never imports them. ``backend="auto"`` picks the
+first available in :data:`AUTO_ORDER` and says which (log line + ``pipeline.backend``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import BackendUnavailableError, InvalidRequestError
+from ..specs import ComponentSpec
+from .backend import ComponentRunner
+
+log = logging.getLogger(__name__)
+
+#: name -> module implementing available()/create().
+BACKENDS: dict[str, str] = {
+    "tensorrt": "sdxl_export.runtime.tensorrt_runner",
+    "onnxruntime": "sdxl_export.runtime.onnxruntime_backend",
+    "torch": "sdxl_export.runtime.torch_backend",
+}
+
+#: auto: TensorRT engines where built and usable, else ONNX Runtime (CUDA or CPU).
+AUTO_ORDER = ("tensorrt", "onnxruntime")
+
+
+@dataclass
+class ComponentContext:
+    """Everything a backend needs to open one component (read from the artifacts)."""
+
+    artifacts: Path
+    name: str
+    spec: ComponentSpec
+    export_entry: dict[str, Any]  # the component's record in the export manifest
+    engine_entry: Any | None = None  # engines.store.EngineEntry when an engine was built
+    device: str = "cpu"  # "cpu" | "cuda" | "cuda:N"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _module(name: str):
+    if name not in BACKENDS:
+        raise InvalidRequestError(
+            f"unknown backend {name!r}", f"use one of: auto, {', '.join(BACKENDS)}"
+        )
+    try:
+        return importlib.import_module(BACKENDS[name])
+    except ModuleNotFoundError as exc:
+        if exc.name == BACKENDS[name]:
+            return None
+        raise
+
+
+def backend_available(name: str) -> tuple[bool, str]:
+    mod = _module(name)
+    if mod is None:
+        return False, f"the {name} backend is not part of this build"
+    ok, why = mod.available()
+    return bool(ok), str(why)
+
+
+def resolve_backend(name: str) -> str:
+    """Turn ``"auto"`` into a concrete backend; check an explicit one is available."""
+    if name == "auto":
+        reasons = []
+        for cand in AUTO_ORDER:
+            ok, why = backend_available(cand)
+            if ok:
+                log.info("backend auto -> %s", cand)
+                return cand
+            reasons.append(f"{cand}: {why}")
+        raise BackendUnavailableError("no backend is available (" + "; ".join(reasons) + ")",
+                                      "pip install onnxruntime")
+    ok, why = backend_available(name)
+    if not ok:
+        raise BackendUnavailableError(f"backend {name!r} is not available: {why}",
+                                      "pick another --backend, or install what it needs (see README)")
+    return name
+
+
+def create_runner(backend: str, ctx: ComponentContext) -> ComponentRunner:
+    mod = _module(backend)
+    if mod is None:
+        raise BackendUnavailableError(f"backend {backend!r} is not part of this build", "use --backend onnxruntime")
+    return mod.create(ctx)
