@@ -1,0 +1,54 @@
+"""Shared fixtures: the embedded tiny model and its export, built once per test session.
+
+Exporting the tiny preset takes ~15 s on 2 cores; every test that only reads artifacts
+shares one export (``tiny_artifacts``). Tests that modify an artifact folder copy it
+first (``tiny_artifacts_copy``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The embedded tiny SDXL (base + refiner), seeded weights. Treat as read-only."""
+    from sdxl_export.models import build_preset
+
+    return build_preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory, tiny_model) -> Path:
+    """An export of the tiny model (all six components, validated). Read-only."""
+    from sdxl_export.export import export_model
+
+    out = tmp_path_factory.mktemp("tiny-artifacts") / "artifacts"
+    export_model(tiny_model, out)
+    return out
+
+
+@pytest.fixture()
+def tiny_artifacts_copy(tiny_artifacts, tmp_path) -> Path:
+    """A private copy of the tiny export that a test may modify or corrupt."""
+    dst = tmp_path / "artifacts"
+    shutil.copytree(tiny_artifacts, dst)
+    return dst
+
+
+@pytest.fixture(autouse=True)
+def _quiet_third_party_logs():
+    for name in ("transformers", "diffusers", "torch.onnx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    yield
