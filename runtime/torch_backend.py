@@ -25,7 +25,13 @@ Options (``ComponentContext.options``):
 ``max_graphs``
     How many shapes keep a captured graph (least recently used evicted), default 8.
 ``verify``
-    ``True`` (default) checks the weight files against the manifest's sha256 on open.
+    ``True`` hashes the weight files against the manifest's sha256 on open (seconds per
+    GB); the default only checks that every listed file exists, as the artifact reader does.
+``synchronize``
+    ``True`` (default on CUDA) waits for the GPU before returning, so that the pipeline's
+    per-stage timings are device times like the other backends'; ``False`` returns as soon
+    as the work is queued (outputs are still correct: later CUDA work on the same stream
+    is ordered after it).
 
 Inputs may be on any device; they are moved to the runner's device. Outputs are on the
 runner's device, in the spec dtype, and are ordinary tensors (not inference tensors).
@@ -73,7 +79,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 #: Inputs that keep the spec dtype when the module computes in fp16/bf16 (as diffusers does).
 KEEP_FP32_INPUTS = frozenset({"timestep"})
 
-KNOWN_OPTIONS = frozenset({"dtype", "cuda_graphs", "max_graphs", "verify"})
+KNOWN_OPTIONS = frozenset({"dtype", "cuda_graphs", "max_graphs", "verify", "synchronize"})
 
 
 def available() -> tuple[bool, str]:
@@ -124,7 +130,8 @@ class TorchRunner(ComponentRunner):
             raise InvalidRequestError(
                 "cuda_graphs needs a CUDA device", "pass device='cuda' or drop the cuda_graphs option"
             )
-        self.verify = bool(ctx.options.get("verify", True))
+        self.verify = bool(ctx.options.get("verify", False))
+        self.synchronize = self.device.type == "cuda" and bool(ctx.options.get("synchronize", True))
         self.graphs = GraphCache(
             name=f"{ctx.name}(torch)",
             enabled=use_graphs,
@@ -200,6 +207,8 @@ class TorchRunner(ComponentRunner):
     def _run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         on_device = {n: t.to(self.device, non_blocking=True) for n, t in feeds.items()}
         outputs = self.graphs.run(on_device, self._forward)
+        if self.synchronize:
+            torch.cuda.synchronize(self.device)
         if self.graphs.enabled:
             return outputs  # clones made by the cache, outside inference mode
         # Eager outputs were made in inference mode; hand out ordinary tensors, like the other
