@@ -1,0 +1,432 @@
+"""``build``: export (if not up to date) + one engine per component, incrementally.
+
+Every engine has an *artifact key*: a hash of exactly what determines its bytes -- the
+exported ONNX (content hash), the backend, the machine it targets (TensorRT version,
+GPU and compute capability; or ONNX Runtime version and platform) and the builder
+settings (for TensorRT also precision and profiles). A rerun rebuilds an engine only
+when its key changed or its files no longer match their hashes; when only what we
+*record* changed (say the requested precision of an ONNX Runtime twin, which runs fp32
+either way), the manifest entry is updated without rebuilding. So an unchanged rerun
+does nothing, and a changed flag rebuilds exactly the engines it affects.
+
+The manifest is rewritten atomically after every engine (``"complete": false`` until
+the last), so an interrupted build keeps the engines it finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..artifacts import (
+    DEFAULT_ARTIFACTS,
+    ENGINE_DIR,
+    FORMAT_ENGINES,
+    atomic_dir,
+    atomic_write_json,
+    clean_stale_tmp,
+    manifest_header,
+    read_manifest,
+    sha256_file,
+    sha256_json,
+)
+from ..buckets import parse_bucket_list
+from ..errors import ArtifactError, BackendUnavailableError, InvalidRequestError
+from ..specs import ComponentSpec, specs_from_dicts
+from . import ort_builder
+from .planner import DEFAULT_MODE, MODES, Plan, plan_profiles
+from .store import BACKEND_ORT, BACKEND_TRT, EngineEntry, GpuInfo, engine_manifest_path, onnx_hash, ort_target
+from .trt_builder import DEFAULT_OPT_LEVEL, HARDWARE_COMPAT, PRECISIONS, TrtSettings
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", BACKEND_TRT, BACKEND_ORT)
+VAE_KINDS = ("vae_decoder", "vae_encoder")
+PLAN_FILE = "engine.plan"
+
+
+@dataclass
+class BuildOptions:
+    """Everything ``sdxl-export build`` accepts (defaults = the no-argument command)."""
+
+    model: str = "tiny"
+    refiner: str | None = "same"
+    with_refiner: bool = True
+    out: Path = DEFAULT_ARTIFACTS
+    precision: str = "fp32"
+    vae_precision: str = "fp32"
+    buckets: str = "all"
+    batch_sizes: tuple[int, ...] = (1,)
+    profiles: str = DEFAULT_MODE
+    backend: str = "auto"
+    timing_cache: Path | None = None
+    workspace_gb: float | None = None
+    builder_optimization_level: int = DEFAULT_OPT_LEVEL
+    refittable: bool = False
+    hardware_compatibility: str = "none"
+    version_compatible: bool = False
+    ort_optimization: str = ort_builder.DEFAULT_LEVEL
+    opset: int = 17
+    validate: bool = True
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        for what, value, allowed in (("precision", self.precision, PRECISIONS),
+                                     ("VAE precision", self.vae_precision, PRECISIONS),
+                                     ("profile mode", self.profiles, MODES), ("backend", self.backend, BACKENDS),
+                                     ("hardware compatibility", self.hardware_compatibility, tuple(HARDWARE_COMPAT)),
+                                     ("ONNX Runtime optimization", self.ort_optimization, ort_builder.LEVELS)):
+            if value not in allowed:
+                raise InvalidRequestError(f"unknown {what} {value!r}", f"use one of: {', '.join(allowed)}")
+
+    def to_cli(self, **override: Any) -> str:
+        """The ``sdxl-export build`` command line that reproduces these options."""
+        o = BuildOptions(**{**asdict(self), **override})
+        d = BuildOptions()
+        args = ["sdxl-export", "build"]
+        if o.model != d.model:
+            args += ["--model", o.model]
+        if not o.with_refiner or o.refiner is None:
+            args.append("--no-refiner")
+        elif o.refiner != "same":
+            args += ["--refiner", o.refiner]
+        if o.precision != "fp32":
+            args.append(f"--{o.precision}")
+        if o.vae_precision != d.vae_precision:
+            args += ["--vae-precision", o.vae_precision]
+        args += ["--out", str(o.out)]
+        for flag, value, default in (("--buckets", o.buckets, d.buckets),
+                                     ("--batch-sizes", ",".join(map(str, o.batch_sizes)), "1"),
+                                     ("--profiles", o.profiles, d.profiles), ("--backend", o.backend, d.backend),
+                                     ("--timing-cache", o.timing_cache, None), ("--workspace", o.workspace_gb, None),
+                                     ("--builder-optimization-level", o.builder_optimization_level,
+                                      d.builder_optimization_level),
+                                     ("--hardware-compatibility", o.hardware_compatibility, d.hardware_compatibility),
+                                     ("--ort-optimization", o.ort_optimization, d.ort_optimization),
+                                     ("--opset", o.opset, d.opset)):
+            if value != default:
+                args += [flag, str(value)]
+        for flag, on in (("--refittable", o.refittable), ("--version-compatible", o.version_compatible),
+                         ("--no-validate", not o.validate)):
+            if on:
+                args.append(flag)
+        return shlex.join(args)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out"], d["batch_sizes"] = str(self.out), list(self.batch_sizes)
+        d["timing_cache"] = str(self.timing_cache) if self.timing_cache else None
+        return d
+
+
+@dataclass
+class Wanted:
+    """What one component's engine must be; compared with the manifest to decide work."""
+
+    component: str
+    backend: str
+    spec: ComponentSpec
+    onnx_path: Path
+    onnx_sha256: str
+    precision_requested: str
+    precision: str
+    profiles: list[Any]
+    target: dict[str, Any]
+    builder: dict[str, Any]
+    session_options: dict[str, Any] = field(default_factory=dict)
+    trt_settings: TrtSettings | None = None
+    artifact_key: str = ""
+
+    def record_view(self) -> dict[str, Any]:
+        """The recorded fields that do not change the artifact's bytes."""
+        return {"precision_requested": self.precision_requested, "precision": self.precision,
+                "profiles": [p.to_dict() for p in self.profiles], "spec": self.spec.to_dict(),
+                "session_options": self.session_options, "builder": self.builder}
+
+
+@dataclass
+class ComponentResult:
+    component: str
+    action: str  # "built" | "up to date" | "updated" | "removed"
+    reason: str
+    seconds: float = 0.0
+
+
+@dataclass
+class BuildReport:
+    out: Path
+    backend: str
+    backend_note: str
+    plan: Plan
+    results: list[ComponentResult]
+    manifest: dict[str, Any]
+
+    @property
+    def built(self) -> list[str]:
+        return [r.component for r in self.results if r.action == "built"]
+
+    @property
+    def up_to_date(self) -> bool:
+        return all(r.action == "up to date" for r in self.results)
+
+
+# ---- decisions (pure) --------------------------------------------------------------------------------
+def resolve_backend(requested: str) -> tuple[str, str]:
+    """(backend, one-line note). ``auto`` falls back to the ONNX Runtime twin, saying why."""
+    from .trt_builder import trt_status
+
+    if requested == BACKEND_ORT:
+        return BACKEND_ORT, "ONNX Runtime twin requested (--backend onnxruntime)"
+    ok, why = trt_status()
+    if requested == BACKEND_TRT:
+        if not ok:
+            raise BackendUnavailableError(
+                f"--backend tensorrt, but TensorRT cannot build here: {why}",
+                "install TensorRT on a machine with an NVIDIA GPU, or use --backend auto / onnxruntime",
+            )
+        return BACKEND_TRT, "TensorRT"
+    if ok:
+        return BACKEND_TRT, "TensorRT (auto)"
+    ok_ort, why_ort = ort_builder.ort_status()
+    if not ok_ort:
+        raise BackendUnavailableError(f"neither TensorRT ({why}) nor ONNX Runtime ({why_ort}) can build here",
+                                      "pip install onnxruntime")
+    return BACKEND_ORT, f"TensorRT skipped ({why}): building the ONNX Runtime CPU twin instead"
+
+
+def trt_target(trt_version: str, gpu: GpuInfo) -> dict[str, Any]:
+    return {"tensorrt": trt_version, "gpu": gpu.name, "compute_capability": gpu.compute_capability}
+
+
+def wanted_engines(
+    opts: BuildOptions, export_manifest: Mapping[str, Any], plan: Plan, backend: str, target: dict[str, Any],
+) -> dict[str, Wanted]:
+    """What every component's engine must be, for ``backend`` on ``target``."""
+    root = Path(opts.out)
+    out: dict[str, Wanted] = {}
+    for name, comp in export_manifest["components"].items():
+        cplan = plan.components[name]
+        spec = cplan.spec
+        # The VAE gets its own precision (fp32 unless --vae-precision): SDXL's VAE overflows in fp16.
+        requested = opts.vae_precision if spec.kind in VAE_KINDS else opts.precision
+        w = Wanted(component=name, backend=backend, spec=spec, onnx_path=root / comp["file"],
+                   onnx_sha256=onnx_hash(comp), precision_requested=requested, precision=requested,
+                   profiles=list(cplan.profiles), target=dict(target), builder={})
+        if backend == BACKEND_TRT:
+            w.trt_settings = TrtSettings(
+                precision=requested, builder_optimization_level=opts.builder_optimization_level,
+                refittable=opts.refittable, hardware_compatibility=opts.hardware_compatibility,
+                version_compatible=opts.version_compatible, workspace_gb=opts.workspace_gb,
+            )
+            key_builder = w.trt_settings.to_dict()
+            w.artifact_key = sha256_json({"backend": backend, "onnx": w.onnx_sha256, "target": target,
+                                          "builder": key_builder, "profiles": [p.to_dict() for p in w.profiles]})
+            w.builder = {**key_builder, "timing_cache": str(opts.timing_cache) if opts.timing_cache else None}
+        else:
+            w.precision = "fp32"  # see ort_builder: the CPU twin always runs fp32
+            key_builder = {"ort_optimization": opts.ort_optimization, "providers": list(ort_builder.PROVIDERS)}
+            w.artifact_key = sha256_json({"backend": backend, "onnx": w.onnx_sha256, "target": target,
+                                          "builder": key_builder})
+            w.builder = key_builder
+            w.session_options = ort_builder.runtime_session_options(opts.ort_optimization)
+        out[name] = w
+    return out
+
+
+def _diff(prev: Mapping[str, Any], w: Wanted) -> str:
+    if prev.get("backend") != w.backend:
+        return f"backend {prev.get('backend')} -> {w.backend}"
+    if prev.get("onnx_sha256") != w.onnx_sha256:
+        return "the ONNX export changed"
+    if prev.get("target") != w.target:
+        changed = sorted(k for k in set(prev.get("target", {})) | set(w.target)
+                         if prev.get("target", {}).get(k) != w.target.get(k))
+        return "target changed: " + ", ".join(
+            f"{k} {prev.get('target', {}).get(k)} -> {w.target.get(k)}" for k in changed)
+    old_b = prev.get("builder", {})
+    changed = sorted(k for k in set(old_b) | set(w.builder) if old_b.get(k) != w.builder.get(k))
+    if changed:
+        return "builder flags changed: " + ", ".join(f"{k} {old_b.get(k)} -> {w.builder.get(k)}" for k in changed)
+    if prev.get("profiles") != [p.to_dict() for p in w.profiles]:
+        return "optimization profiles changed"
+    return "build settings changed"
+
+
+def decide(prev: Mapping[str, Any] | None, w: Wanted, files_ok: bool) -> tuple[str, str]:
+    """("build" | "update" | "skip", why) for one component."""
+    if prev is None:
+        return "build", "not built yet"
+    if prev.get("artifact_key") != w.artifact_key:
+        return "build", _diff(prev, w)
+    if not files_ok:
+        return "build", "engine files are missing or do not match their hashes"
+    view = w.record_view()
+    changed = [k for k, v in view.items() if prev.get(k) != v]
+    if changed:
+        return "update", f"recorded {', '.join(changed)} changed; engine bytes unaffected"
+    return "skip", "up to date"
+
+
+def files_ok(root: Path, files: Mapping[str, str]) -> bool:
+    return bool(files) and all((root / r).is_file() and sha256_file(root / r) == h for r, h in files.items())
+
+
+# ---- the build -----------------------------------------------------------------------------------
+def _load_previous(root: Path) -> dict[str, Any]:
+    path = engine_manifest_path(root)
+    if not path.is_file():
+        return {}
+    try:
+        return read_manifest(path, FORMAT_ENGINES, "rebuild")
+    except ArtifactError as exc:
+        log.warning("engine manifest unusable (%s): rebuilding every engine", exc.message)
+        return {}
+
+
+def make_plan(opts: BuildOptions, export_manifest: Mapping[str, Any]) -> Plan:
+    specs = specs_from_dicts(c["spec"] for c in export_manifest["components"].values())
+    native = int(export_manifest["native_size"])
+    buckets = parse_bucket_list(opts.buckets, native)
+    return plan_profiles(specs, native=native, buckets=buckets, batch_sizes=opts.batch_sizes, mode=opts.profiles)
+
+
+def build(opts: BuildOptions) -> BuildReport:
+    """Export if needed, then build (or keep) an engine for every component."""
+    from ..export import export_model
+
+    t_all = time.perf_counter()
+    backend, note = resolve_backend(opts.backend)
+    log.info("backend: %s", note)
+    if backend == BACKEND_ORT and opts.precision != "fp32":
+        log.info("precision: %s requested, the ONNX Runtime CPU twin runs fp32 (few fp16 CPU kernels; keeps "
+                 "parity with the export); recorded as precision_requested=%s, precision=fp32",
+                 opts.precision, opts.precision)
+    export_manifest = export_model(opts.model, opts.out, refiner=opts.refiner, with_refiner=opts.with_refiner,
+                                   opset=opts.opset)
+    root = Path(opts.out).resolve()
+    plan = make_plan(opts, export_manifest)
+    if backend == BACKEND_TRT:
+        from .trt_builder import gpu_info, trt_version
+
+        gpu, ver = gpu_info(), trt_version()
+        assert gpu is not None and ver is not None  # resolve_backend checked both
+        target = trt_target(ver, gpu)
+    else:
+        target = ort_target()
+    wanted = wanted_engines(opts, export_manifest, plan, backend, target)
+
+    engines_dir = root / ENGINE_DIR
+    clean_stale_tmp(engines_dir)
+    previous = _load_previous(root)
+    prev_entries: dict[str, Any] = dict(previous.get("engines", {}))
+    manifest: dict[str, Any] = {
+        **manifest_header(FORMAT_ENGINES),
+        "complete": False,
+        "backend": backend,
+        "backend_note": note,
+        "build_command": opts.to_cli(),
+        "build_options": opts.to_dict(),
+        "export": {"source": export_manifest.get("source"), "native_size": export_manifest.get("native_size"),
+                   "opset": export_manifest.get("opset")},
+        "plan": {k: v for k, v in plan.to_dict().items() if k != "components"},
+        "engines": {},
+    }
+    results: list[ComponentResult] = []
+    for name in [n for n in prev_entries if n not in wanted]:
+        shutil.rmtree(engines_dir / name, ignore_errors=True)
+        results.append(ComponentResult(name, "removed", "no longer exported"))
+        log.info("%s: engine removed (component no longer exported)", name)
+    # Entries we keep are written first so an interruption never drops a good engine.
+    for name, w in wanted.items():
+        prev = prev_entries.get(name)
+        if prev is not None and prev.get("artifact_key") == w.artifact_key:
+            manifest["engines"][name] = prev
+    atomic_write_json(engine_manifest_path(root), manifest)
+
+    total = len(wanted)
+    for i, (name, w) in enumerate(wanted.items(), 1):
+        prev = prev_entries.get(name)
+        action, why = decide(prev, w, files_ok(root, (prev or {}).get("files", {})))
+        if action == "skip":
+            log.info("[%d/%d] %s: up to date (%s)", i, total, name, w.backend)
+            manifest["engines"][name] = prev
+            results.append(ComponentResult(name, "up to date", why))
+            continue
+        if action == "update":
+            assert prev is not None
+            entry = EngineEntry.from_dict(prev, root)
+            _apply_record(entry, w)
+            manifest["engines"][name] = entry.to_dict(root)
+            log.info("[%d/%d] %s: manifest updated (%s)", i, total, name, why)
+            results.append(ComponentResult(name, "updated", why))
+        else:
+            log.info("[%d/%d] %s: building %s engine (%s) ...", i, total, name, w.backend, why)
+            entry = _build_one(root, w, opts)
+            manifest["engines"][name] = entry.to_dict(root)
+            log.info("[%d/%d] %s: built in %.1fs", i, total, name, entry.build_seconds)
+            results.append(ComponentResult(name, "built", why, entry.build_seconds))
+        atomic_write_json(engine_manifest_path(root), manifest)
+
+    manifest["complete"] = True
+    atomic_write_json(engine_manifest_path(root), manifest)
+    n_built = sum(r.action == "built" for r in results)
+    if n_built == 0 and all(r.action == "up to date" for r in results):
+        log.info("all %d engines up to date (%s) in %s", total, backend, engines_dir)
+    else:
+        log.info("build done in %.1fs: %d built, %d updated, %d up to date, %d removed",
+                 time.perf_counter() - t_all, n_built, sum(r.action == "updated" for r in results),
+                 sum(r.action == "up to date" for r in results), sum(r.action == "removed" for r in results))
+    return BuildReport(root, backend, note, plan, results, manifest)
+
+
+def _apply_record(entry: EngineEntry, w: Wanted) -> None:
+    entry.precision_requested, entry.precision = w.precision_requested, w.precision
+    entry.profiles, entry.spec = list(w.profiles), w.spec
+    entry.session_options, entry.builder = dict(w.session_options), dict(w.builder)
+
+
+def _build_one(root: Path, w: Wanted, opts: BuildOptions) -> EngineEntry:
+    rel_dir = Path(ENGINE_DIR) / w.component
+    t0 = time.perf_counter()
+    extra: dict[str, Any] = {}
+    with atomic_dir(root / rel_dir) as tmp:
+        if w.backend == BACKEND_TRT:
+            from .trt_builder import build_engine
+
+            assert w.trt_settings is not None
+            extra = build_engine(w.onnx_path, tmp / PLAN_FILE, w.trt_settings, w.profiles,
+                                 timing_cache=opts.timing_cache, name=w.component)
+            written = [tmp / PLAN_FILE]
+        else:
+            written = ort_builder.build_twin(w.onnx_path, tmp, opts.ort_optimization)
+            if opts.validate:
+                shape = _check_shape(w)
+                extra["parity"] = ort_builder.check_parity(w.onnx_path, written[0], w.spec, shape,
+                                                           w.session_options)
+        files = {(rel_dir / p.name).as_posix(): sha256_file(p) for p in written}
+        main = rel_dir / written[0].name
+    seconds = round(time.perf_counter() - t0, 2)
+    entry = EngineEntry(
+        component=w.component, backend=w.backend, path=(root / main).resolve(), files=files,
+        precision_requested=w.precision_requested, precision=w.precision, profiles=list(w.profiles), spec=w.spec,
+        onnx_sha256=w.onnx_sha256, target=dict(w.target), builder=dict(w.builder),
+        session_options=dict(w.session_options), build_seconds=seconds, artifact_key=w.artifact_key,
+        built_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), validation=extra,
+    )
+    if "parity" in extra:
+        log.info("%s: twin matches the export (max abs error %.1e)", w.component,
+                 max(extra["parity"]["max_abs_error"].values(), default=0.0))
+    return entry
+
+
+def _check_shape(w: Wanted) -> tuple[int, int, int]:
+    """The cheapest planned (batch, height, width): smallest batch, smallest bucket."""
+    p = min(w.profiles, key=lambda p: min(p.batch_sizes))
+    b = min(p.buckets, key=lambda b: b.height * b.width)
+    return min(p.batch_sizes), b.height, b.width

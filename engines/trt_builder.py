@@ -1,0 +1,281 @@
+"""Build one TensorRT plan per component through Polygraphy's loaders.
+
+The chain is ``NetworkFromOnnxPath`` (ONNX parser with TensorRT's native InstanceNorm,
+required for hardware/version-compatible plans and the plugin-free path) ->
+``CreateConfig`` (precision flags, the planned profiles, timing cache, builder
+optimization level, refit, hardware/version compatibility, workspace limit) ->
+``EngineBytesFromNetwork``; we write the bytes ourselves with
+:func:`~sdxl_export.artifacts.atomic_write_bytes` rather than ``SaveEngine`` so a killed
+build never leaves a truncated plan under the final name.
+
+Polygraphy's loader objects are lazy: constructing them needs neither TensorRT nor a
+GPU, so :func:`network_loader`, :func:`polygraphy_profiles` and :func:`create_config`
+are tested on CPU. Only values that are TensorRT enums (parser flags, hardware
+compatibility level, memory pool type) need the real module; they are resolved by name
+in :func:`resolve_enums` when ``trt`` is given.
+
+Precision: the ONNX graphs are fp32; ``fp16``/``bf16`` set ``BuilderFlag.FP16``/``BF16``
+on a weakly typed network (TensorRT 10.12 deprecates these in favour of strongly typed
+networks, which would need an fp16 export), plus ``TF32``. ``fp32`` still allows TF32
+(TensorRT's default), as SDXL's VAE is built unless ``--vae-precision`` says otherwise:
+its fp16 decode overflows.
+
+This module is type-checked with mypy against ``tensorrt-stubs``
+(``tests/test_engines_typecheck.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..artifacts import atomic_write_bytes
+from ..errors import BackendUnavailableError, SDXLExportError
+from .planner import PlannedProfile
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .store import GpuInfo
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+HARDWARE_COMPAT = {
+    "none": "NONE",
+    "ampere_plus": "AMPERE_PLUS",
+    "same_compute_capability": "SAME_COMPUTE_CAPABILITY",
+}
+#: TensorRT's builder optimization levels (default 3, maximum 5 in TensorRT 10).
+MIN_OPT_LEVEL, MAX_OPT_LEVEL, DEFAULT_OPT_LEVEL = 0, 5, 3
+
+
+class EngineBuildError(SDXLExportError):
+    """TensorRT failed to parse the ONNX graph or to build the plan."""
+
+
+@dataclass(frozen=True)
+class TrtSettings:
+    """Everything that changes what TensorRT builds for one component (part of its key)."""
+
+    precision: str = "fp32"
+    tf32: bool = True
+    builder_optimization_level: int = DEFAULT_OPT_LEVEL
+    refittable: bool = False
+    hardware_compatibility: str = "none"
+    version_compatible: bool = False
+    workspace_gb: float | None = None
+    native_instancenorm: bool = True
+
+    def __post_init__(self) -> None:
+        from ..errors import InvalidRequestError
+
+        if self.precision not in PRECISIONS:
+            raise InvalidRequestError(f"unknown precision {self.precision!r}", f"use one of {PRECISIONS}")
+        if self.hardware_compatibility not in HARDWARE_COMPAT:
+            raise InvalidRequestError(
+                f"unknown hardware compatibility {self.hardware_compatibility!r}",
+                f"use one of {', '.join(HARDWARE_COMPAT)}",
+            )
+        if not MIN_OPT_LEVEL <= self.builder_optimization_level <= MAX_OPT_LEVEL:
+            raise InvalidRequestError(
+                f"builder optimization level {self.builder_optimization_level} is outside "
+                f"{MIN_OPT_LEVEL}..{MAX_OPT_LEVEL}", "pass --builder-optimization-level 0..5 (default 3)",
+            )
+        if self.workspace_gb is not None and self.workspace_gb <= 0:
+            raise InvalidRequestError(f"workspace {self.workspace_gb} GB is not positive", "pass --workspace GB > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- availability ----------------------------------------------------------------------------------
+def load_tensorrt() -> Any:
+    """The real ``tensorrt`` module, or :class:`BackendUnavailableError`.
+
+    ``import tensorrt`` alone is not enough: the ``tensorrt-stubs`` package installs a
+    ``tensorrt`` namespace with type stubs only, which imports fine and has no Builder.
+    """
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise BackendUnavailableError("TensorRT is not installed",
+                                      "pip install tensorrt (NVIDIA GPU), or use --backend onnxruntime") from None
+    if not hasattr(trt, "Builder"):
+        raise BackendUnavailableError("only TensorRT type stubs are installed, not TensorRT",
+                                      "pip install tensorrt (NVIDIA GPU), or use --backend onnxruntime")
+    return trt
+
+
+def trt_version() -> str | None:
+    try:
+        return str(load_tensorrt().__version__)
+    except BackendUnavailableError:
+        return None
+
+
+def gpu_info() -> GpuInfo | None:
+    """Name and compute capability of CUDA device 0 (None without a usable CUDA GPU)."""
+    from .store import GpuInfo
+
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        major, minor = torch.cuda.get_device_capability(0)
+        return GpuInfo(torch.cuda.get_device_name(0), f"{major}.{minor}")
+    except Exception:  # noqa: BLE001 -- a broken driver is "no GPU" for our purposes
+        return None
+
+
+def trt_status() -> tuple[bool, str]:
+    """(usable, why not): TensorRT installed for real and a CUDA GPU present."""
+    try:
+        load_tensorrt()
+    except BackendUnavailableError as exc:
+        return False, exc.message
+    if gpu_info() is None:
+        return False, "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+    return True, "ok"
+
+
+# ---- polygraphy objects (no TensorRT needed to construct) -------------------------------------------
+def polygraphy_profiles(profiles: Sequence[PlannedProfile]) -> list[Any]:
+    """One ``polygraphy.backend.trt.Profile`` per planned profile, inputs in spec order."""
+    from polygraphy.backend.trt import Profile
+
+    out = []
+    for p in profiles:
+        prof = Profile()
+        for name, (lo, opt, hi) in p.shapes.items():
+            prof.add(name, min=list(lo), opt=list(opt), max=list(hi))
+        out.append(prof)
+    return out
+
+
+def enum_names(settings: TrtSettings) -> dict[str, Any]:
+    """The TensorRT enum members ``settings`` needs, by name (resolved by :func:`resolve_enums`)."""
+    out: dict[str, Any] = {"hardware_compatibility_level": HARDWARE_COMPAT[settings.hardware_compatibility]}
+    if settings.native_instancenorm:
+        out["parser_flags"] = ["NATIVE_INSTANCENORM"]
+    if settings.workspace_gb is not None:
+        out["memory_pool_limits"] = {"WORKSPACE": int(settings.workspace_gb * 1024**3)}
+    return out
+
+
+def resolve_enums(settings: TrtSettings) -> dict[str, Any]:
+    """:func:`enum_names` with TensorRT enum members instead of names (needs TensorRT)."""
+    load_tensorrt()
+    import tensorrt as trt
+
+    names = enum_names(settings)
+    hw: trt.HardwareCompatibilityLevel = trt.HardwareCompatibilityLevel.__members__[
+        names["hardware_compatibility_level"]
+    ]
+    out: dict[str, Any] = {"hardware_compatibility_level": hw}
+    if "parser_flags" in names:
+        flags: list[trt.OnnxParserFlag] = [trt.OnnxParserFlag.__members__[n] for n in names["parser_flags"]]
+        out["parser_flags"] = flags
+    if "memory_pool_limits" in names:
+        pools: dict[trt.MemoryPoolType, int] = {
+            trt.MemoryPoolType.__members__[k]: int(v) for k, v in names["memory_pool_limits"].items()
+        }
+        out["memory_pool_limits"] = pools
+    return out
+
+
+def network_loader(onnx_path: str | Path, settings: TrtSettings, *, with_trt: bool = False) -> Any:
+    """``NetworkFromOnnxPath`` with native InstanceNorm (TensorRT 10's default; the flag is
+    set explicitly ``with_trt``, and the plugin path is never forced)."""
+    from polygraphy.backend.trt import NetworkFromOnnxPath
+
+    flags = resolve_enums(settings).get("parser_flags") if with_trt else None
+    return NetworkFromOnnxPath(str(onnx_path), flags=flags, plugin_instancenorm=not settings.native_instancenorm)
+
+
+def create_config(
+    settings: TrtSettings, profiles: Sequence[PlannedProfile], *, timing_cache: str | Path | None = None,
+    with_trt: bool = False,
+) -> Any:
+    """Polygraphy ``CreateConfig`` for ``settings`` and the planned ``profiles``.
+
+    Without ``with_trt`` only settings that need no TensorRT enum are allowed (the default
+    hardware compatibility and no workspace limit); that is what CPU tests construct.
+    """
+    from polygraphy.backend.trt import CreateConfig
+
+    kwargs: dict[str, Any] = {}
+    if with_trt:
+        enums = resolve_enums(settings)
+        kwargs["hardware_compatibility_level"] = enums["hardware_compatibility_level"]
+        if "memory_pool_limits" in enums:
+            kwargs["memory_pool_limits"] = enums["memory_pool_limits"]
+    elif settings.hardware_compatibility != "none" or settings.workspace_gb is not None:
+        raise BackendUnavailableError("hardware compatibility and workspace limits need TensorRT",
+                                      "pip install tensorrt, or drop those options")
+    return CreateConfig(
+        tf32=settings.tf32 or settings.precision != "fp32",
+        fp16=settings.precision == "fp16",
+        bf16=settings.precision == "bf16",
+        profiles=polygraphy_profiles(profiles),
+        load_timing_cache=str(timing_cache) if timing_cache else None,
+        builder_optimization_level=settings.builder_optimization_level,
+        refittable=settings.refittable,
+        version_compatible=settings.version_compatible or None,
+        # The lean runtime is only needed to run version-compatible plans on another
+        # TensorRT; our loader uses the installed full runtime.
+        exclude_lean_runtime=True if settings.version_compatible else None,
+        **kwargs,
+    )
+
+
+# ---- build -------------------------------------------------------------------------------------------
+def build_engine(
+    onnx_path: Path, plan_path: Path, settings: TrtSettings, profiles: Sequence[PlannedProfile], *,
+    timing_cache: Path | None = None, name: str = "",
+) -> dict[str, Any]:
+    """Build and atomically write one plan; return what to record (seconds, profile count)."""
+    trt = load_tensorrt()
+    from polygraphy.backend.trt import EngineBytesFromNetwork
+    from polygraphy.exception import PolygraphyException
+
+    t0 = time.perf_counter()
+    log.info("%s: building TensorRT %s plan (%s, %d profile(s), opt level %d) ...", name, trt.__version__,
+             settings.precision, len(profiles), settings.builder_optimization_level)
+    try:
+        network = network_loader(onnx_path, settings, with_trt=True)
+        config = create_config(settings, profiles, timing_cache=timing_cache, with_trt=True)
+        serialized = EngineBytesFromNetwork(
+            network, config=config, save_timing_cache=str(timing_cache) if timing_cache else None
+        )()
+    except PolygraphyException as exc:
+        raise EngineBuildError(f"{name}: TensorRT could not build the engine ({exc})",
+                               "rerun with -v for TensorRT's log; check the ONNX with `polygraphy inspect model`") from None
+    data = bytes(memoryview(serialized))
+    n_profiles = check_plan(data, len(profiles), name)
+    atomic_write_bytes(plan_path, data)
+    seconds = time.perf_counter() - t0
+    log.info("%s: TensorRT plan written (%.1f MB, %d profile(s)) in %.1fs", name, len(data) / 1e6, n_profiles,
+             seconds)
+    return {"seconds": round(seconds, 2), "num_profiles": n_profiles, "size_bytes": len(data)}
+
+
+def check_plan(data: bytes, expected_profiles: int, name: str) -> int:
+    """Deserialize the fresh plan once and check its profile count (catches a silent failure)."""
+    load_tensorrt()
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(data)
+    if engine is None:
+        raise EngineBuildError(f"{name}: the plan TensorRT just built does not deserialize",
+                               "rerun with -v for TensorRT's log")
+    n = int(engine.num_optimization_profiles)
+    if n != expected_profiles:
+        raise EngineBuildError(f"{name}: plan has {n} profiles, {expected_profiles} were planned",
+                               "report this as a bug")
+    return n
