@@ -1,0 +1,291 @@
+"""ONNX Runtime backend: one ``InferenceSession`` per component, CPU or CUDA.
+
+Which graph: the exported ONNX (``onnx/<component>/model.onnx``), or, when ``sdxl-export
+build`` made an ONNX Runtime twin for this component, the twin's optimized graph with
+the session options it was built for (the pipeline verifies the entry first).
+
+Session options, chosen on purpose and recorded in :attr:`OrtRunner.description`:
+
+* ``graph_optimization_level = ORT_ENABLE_ALL``: layout and fusion passes (attention,
+  LayerNorm, GELU) are the difference between a usable and a slow CPU UNet; the export
+  validation runs at the same level, so the numbers are the validated ones.
+* ``intra_op_num_threads`` = physical cores: hyper-threads share the FMA units the
+  convolutions saturate; ``inter_op_num_threads = 1`` with ``ORT_SEQUENTIAL`` because
+  the SDXL graphs are one long chain (parallel branches are rare and tiny).
+* ``session.intra_op.allow_spinning = 0``: workers sleep between runs instead of
+  busy-waiting, so they do not steal cores from the other sessions' pools and from the
+  torch work between steps.
+* ``enable_cpu_mem_arena`` and ``enable_mem_pattern``: the same shapes repeat every
+  step, so the arena and the memory plan make step 2..N allocation-free inside ORT.
+
+Data path: CPU runs hand ORT numpy *views* of the torch tensors (no copy in) and wrap
+the outputs with ``torch.from_numpy`` (no copy out). CUDA runs use IO binding: inputs
+are bound by device pointer, outputs are preallocated torch tensors, and the session
+runs on torch's current CUDA stream (``user_compute_stream``), so there is no host
+round trip and no cross-stream race. ``InferenceSession.run`` is thread-safe; an IO
+binding is made per call, so one runner serves several threads at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import BackendUnavailableError, CorruptArtifactError, MissingComponentError
+from ..specs import ComponentSpec
+from .backend import ComponentRunner
+from .backends import ComponentContext
+
+log = logging.getLogger(__name__)
+
+NAME = "onnxruntime"
+
+DEFAULT_SESSION_OPTIONS: dict[str, Any] = {
+    "graph_optimization_level": "ORT_ENABLE_ALL",
+    "intra_op_num_threads": 0,  # 0: physical cores (resolved and recorded at open)
+    "inter_op_num_threads": 1,
+    "execution_mode": "ORT_SEQUENTIAL",
+    "enable_cpu_mem_arena": True,
+    "enable_mem_pattern": True,
+    "log_severity_level": 3,
+    # No busy-waiting between runs: five sessions each own a thread pool, and the
+    # pipeline runs torch ops (scheduler, guidance) between UNet calls; spinning
+    # workers of an idle pool would steal those cores (measured: ~2x slower on 2 cores).
+    "session.intra_op.allow_spinning": "0",
+}
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32, "int64": torch.int64}
+
+
+def available() -> tuple[bool, str]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False, "onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu)"
+    return True, f"onnxruntime {ort.__version__} ({', '.join(ort.get_available_providers())})"
+
+
+def cuda_available() -> bool:
+    """ORT has its CUDA provider and torch sees a GPU (the pipeline's tensors live there)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        n = None
+    return max(1, int(n or os.cpu_count() or 1))
+
+
+def build_session_options(options: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """``ort.SessionOptions`` from a plain dict; returns it and the resolved dict to record.
+
+    Keys are SessionOptions attributes (enum values by name, e.g. ``"ORT_ENABLE_ALL"``);
+    keys with a dot (``"session.intra_op.allow_spinning"``) are session config entries.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    resolved: dict[str, Any] = {}
+    for key, value in options.items():
+        if key == "intra_op_num_threads" and not value:
+            value = physical_cores()
+        if "." in key:
+            so.add_session_config_entry(key, str(value))
+        elif key == "graph_optimization_level":
+            so.graph_optimization_level = _enum(ort.GraphOptimizationLevel, value)
+        elif key == "execution_mode":
+            so.execution_mode = _enum(ort.ExecutionMode, value)
+        elif hasattr(so, key):
+            setattr(so, key, value)
+        else:
+            raise BackendUnavailableError(f"unknown ONNX Runtime session option {key!r}",
+                                          "use SessionOptions attribute names or 'session.*' config keys")
+        resolved[key] = value
+    return so, resolved
+
+
+def _enum(enum: Any, value: Any) -> Any:
+    if isinstance(value, str):
+        return getattr(enum, value)
+    if isinstance(value, int):
+        for name in dir(enum):
+            member = getattr(enum, name)
+            if isinstance(member, enum) and int(member) == value:
+                return member
+    return value
+
+
+class OrtRunner(ComponentRunner):
+    """One component in one ``InferenceSession``."""
+
+    backend = NAME
+
+    def __init__(self, spec: ComponentSpec, model_path: Path, *, device: str = "cpu",
+                 session_options: Mapping[str, Any] | None = None, engine_entry: Any | None = None,
+                 source: str = "export"):
+        super().__init__(spec)
+        self.model_path = Path(model_path)
+        self.device = torch.device(device)
+        self.engine_entry = engine_entry
+        self.source = source
+        self._options = {**DEFAULT_SESSION_OPTIONS, **dict(session_options or {})}
+        self._resolved: dict[str, Any] = {}
+        self._session: Any = None
+        self._providers: list[str] = []
+        self._output_names = list(spec.output_names)
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def _open_impl(self) -> None:
+        import onnxruntime as ort
+
+        if not self.model_path.is_file():
+            raise MissingComponentError(f"{self.spec.name}: {self.model_path} is missing",
+                                        "re-run the export (or build) that wrote it")
+        so, self._resolved = build_session_options(self._options)
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if self.device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise BackendUnavailableError(
+                    f"{self.spec.name}: ONNX Runtime has no CUDAExecutionProvider",
+                    "pip uninstall onnxruntime && pip install onnxruntime-gpu, or run on cpu",
+                )
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            self.device = torch.device("cuda", index)
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            providers = [("CUDAExecutionProvider", {"device_id": index, "user_compute_stream": str(stream)}),
+                         "CPUExecutionProvider"]
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+        load_errors = tuple(getattr(ort_errors, n) for n in (
+            "Fail", "InvalidArgument", "NoSuchFile", "NoModel", "InvalidProtobuf", "InvalidGraph",
+            "RuntimeException", "EPFail") if hasattr(ort_errors, n))
+        try:
+            self._session = ort.InferenceSession(str(self.model_path), so, providers=providers)
+        except load_errors as exc:
+            raise CorruptArtifactError(
+                f"ONNX Runtime cannot load {self.model_path} ({type(exc).__name__}: {str(exc)[:200]})",
+                "re-run the export (or build) that wrote it",
+            ) from None
+        self._providers = list(self._session.get_providers())
+        if self.device.type == "cuda" and self._providers[0] != "CUDAExecutionProvider":
+            raise BackendUnavailableError(f"{self.spec.name}: CUDA provider failed to initialise",
+                                          "check the CUDA/cuDNN install that onnxruntime-gpu needs")
+        got = [i.name for i in self._session.get_inputs()]
+        if sorted(got) != sorted(self.spec.input_names):
+            raise CorruptArtifactError(
+                f"{self.model_path} has inputs {got}, its spec names {list(self.spec.input_names)}",
+                "re-run the export: the graph and the manifest disagree",
+            )
+        log.info("%s: onnxruntime session on %s (%s, %d threads)", self.spec.name, self._providers[0],
+                 self._resolved.get("graph_optimization_level"), self._resolved.get("intra_op_num_threads", 0))
+
+    def _close_impl(self) -> None:
+        self._session = None
+
+    # ---- shapes --------------------------------------------------------------------------------
+    def check_supported(self, batch: int, height: int, width: int) -> None:
+        """An ORT twin built over fixed profiles serves exactly what its TensorRT twin would."""
+        entry = self.engine_entry
+        if entry is not None and getattr(entry, "profiles", None):
+            from ..engines.store import select_profile
+
+            select_profile(entry, self.spec.input_shapes(batch, height, width))
+
+    def _output_shapes(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        bound: dict[str, int] = {}
+        for t in self.spec.inputs:
+            for got, d in zip(feeds[t.name].shape, t.shape):
+                if isinstance(d, str):
+                    bound[d] = int(got)
+        s = self.spec.vae_scale
+        if "latent_height" in bound:
+            bound.setdefault("height", bound["latent_height"] * s)
+            bound.setdefault("width", bound["latent_width"] * s)
+        if "height" in bound:
+            bound.setdefault("latent_height", bound["height"] // s)
+            bound.setdefault("latent_width", bound["width"] // s)
+        return {t.name: t.concrete(bound) for t in self.spec.outputs}
+
+    # ---- calls ---------------------------------------------------------------------------------
+    def _run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.device.type == "cuda":
+            return self._run_cuda(feeds)
+        arrays = {name: _numpy_view(x) for name, x in feeds.items()}
+        outs = self._session.run(self._output_names, arrays)
+        return {name: torch.from_numpy(o) for name, o in zip(self._output_names, outs)}
+
+    def _run_cuda(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        binding = self._session.io_binding()
+        index = self.device.index or 0
+        keep = []  # inputs moved here must outlive the run
+        for t in self.spec.inputs:
+            x = feeds[t.name]
+            if x.device != self.device or not x.is_contiguous():
+                x = x.to(self.device).contiguous()
+            keep.append(x)
+            binding.bind_input(t.name, "cuda", index, t.np_dtype.type, tuple(x.shape), x.data_ptr())
+        outs: dict[str, torch.Tensor] = {}
+        shapes = self._output_shapes(feeds)
+        for t in self.spec.outputs:
+            shape = shapes[t.name]
+            y = torch.empty(shape, dtype=_TORCH_DTYPES[t.dtype], device=self.device)
+            binding.bind_output(t.name, "cuda", index, t.np_dtype.type, shape, y.data_ptr())
+            outs[t.name] = y
+        self._session.run_with_iobinding(binding)
+        del keep
+        return outs
+
+    @property
+    def description(self) -> dict[str, Any]:
+        import onnxruntime as ort
+
+        d = super().description
+        d.update({
+            "onnxruntime": ort.__version__,
+            "file": str(self.model_path),
+            "source": self.source,
+            "device": str(self.device),
+            "providers": list(self._providers),
+            "session_options": dict(self._resolved or self._options),
+            "io_binding": self.device.type == "cuda",
+            "precision": getattr(self.engine_entry, "precision", "fp32"),
+        })
+        if self.engine_entry is not None and getattr(self.engine_entry, "profiles", None):
+            d["buckets"] = [str(b) for b in self.engine_entry.buckets]
+            d["batch_sizes"] = list(self.engine_entry.batch_sizes)
+        return d
+
+
+def _numpy_view(x: torch.Tensor) -> np.ndarray:
+    """A numpy array sharing memory with ``x`` (copies only if not CPU-contiguous)."""
+    if x.device.type != "cpu":
+        x = x.cpu()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return x.detach().numpy()
+
+
+def create(ctx: ComponentContext) -> OrtRunner:
+    """Open ``ctx.name`` from its ORT twin engine when one was built, else from the export."""
+    user = dict(ctx.options.get("session_options") or {})
+    entry = ctx.engine_entry
+    if entry is not None and getattr(entry, "backend", None) == NAME:
+        opts = {**dict(getattr(entry, "session_options", {}) or {}), **user}
+        return OrtRunner(ctx.spec, Path(entry.path), device=ctx.device, session_options=opts,
+                         engine_entry=entry, source="engine (onnxruntime twin)")
+    path = ctx.artifacts / ctx.export_entry["file"]
+    return OrtRunner(ctx.spec, path, device=ctx.device, session_options=user, source="export")

@@ -1,0 +1,328 @@
+"""``SDXLPipeline``: base + refiner sampling on exported components, exact to diffusers.
+
+Semantics are those of diffusers' ``StableDiffusionXLPipeline`` (``output_type="latent"``,
+``denoising_end``) followed by ``StableDiffusionXLImg2ImgPipeline`` on those latents
+(``denoising_start``), as diffusers documents base+refiner: same prompt encoding
+(:mod:`.prompts`), same initial noise (``randn_tensor`` with the caller's generator,
+times ``init_noise_sigma``), same micro-conditioning time ids, same guidance, the same
+diffusers schedulers with the same timestep cut-off and refiner begin index
+(:mod:`.schedulers`), the one generator carried from base into refiner, the same VAE
+un-scaling and image post-processing. ``seed=S`` is
+``generator=torch.Generator("cpu").manual_seed(S)``: the same seed gives diffusers' image.
+
+What the pipeline owns is only per-object: loaded component runners, tokenizers, the
+empty-negative cache. Everything per call (scheduler instances, the generator, latents,
+timings) lives in the call, so one pipeline serves several threads at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import torch
+
+from ..artifacts import DEFAULT_ARTIFACTS
+from ..buckets import nearest_bucket
+from ..errors import ArtifactError, MissingComponentError, NumericalError
+from .artifact_reader import REQUIRED_COMPONENTS, Artifacts, read_artifacts
+from .backend import ComponentRunner
+from .backends import ComponentContext, backend_available, create_runner, resolve_backend
+from .prompts import EncodedPrompts, PromptEncoder
+from .request import SampleRequest, check_request, repeat_per_image
+from .schedulers import SchedulerFactory, base_timesteps, refiner_timesteps, step_kwargs
+from .timing import StageTimings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SDXLPipelineOutput:
+    """``images``: list of PIL images, an (N, H, W, 3) float array ("np"), an (N, 3, H, W)
+    tensor ("pt") or the final latents ("latent"). ``latents`` are always the final latents."""
+
+    images: Any
+    latents: torch.Tensor
+    timings: StageTimings
+    seed: int | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def choose_backend(name: str, store: Any | None) -> str:
+    """``auto``: TensorRT when the store holds TensorRT engines and TensorRT is usable, else ORT."""
+    if name != "auto":
+        return resolve_backend(name)
+    entries = getattr(store, "entries", {}) or {}
+    if any(getattr(e, "backend", None) == "tensorrt" for e in entries.values()):
+        ok, why = backend_available("tensorrt")
+        if ok:
+            log.info("backend auto -> tensorrt (TensorRT engines built and TensorRT usable)")
+            return "tensorrt"
+        log.warning("TensorRT engines are built but not usable here (%s): using onnxruntime", why)
+    chosen = resolve_backend("onnxruntime")
+    log.info("backend auto -> onnxruntime")
+    return chosen
+
+
+def choose_device(device: str, backend: str) -> str:
+    if device != "auto":
+        return device
+    if backend == "tensorrt":
+        return "cuda"
+    if backend == "onnxruntime":
+        from .onnxruntime_backend import cuda_available
+
+        return "cuda" if cuda_available() else "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class SDXLPipeline:
+    """Text-to-image over an artifact folder. Build with :meth:`from_artifacts`."""
+
+    def __init__(self, artifacts: Artifacts, backend: str, device: str, runners: dict[str, ComponentRunner],
+                 encoder: PromptEncoder):
+        from diffusers.image_processor import VaeImageProcessor
+
+        self.artifacts = artifacts
+        self.backend = backend
+        self.device = torch.device(device)
+        self.runners = runners
+        self.encoder = encoder
+        self.native_size = artifacts.native_size
+        self.vae_scale = artifacts.specs["unet"].vae_scale
+        self.latent_channels = int(artifacts.specs["unet"].inputs[0].shape[1])
+        self.vae_config = artifacts.vae
+        self._schedulers = SchedulerFactory(artifacts.scheduler_config())
+        self._refiner_schedulers = (SchedulerFactory(artifacts.scheduler_config(refiner=True))
+                                    if self.has_refiner else None)
+        self._image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale)
+        self._check_conditioning_dims()
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_artifacts(cls, artifacts: str | Path = DEFAULT_ARTIFACTS, backend: str = "auto", *,
+                       device: str = "auto", load_refiner: bool = True, session_options: dict[str, Any] | None = None,
+                       verify_hashes: bool = False) -> SDXLPipeline:
+        """Open every component of an export with ``backend`` (``auto`` picks and logs it)."""
+        arts = read_artifacts(artifacts, with_refiner=load_refiner)
+        names = list(REQUIRED_COMPONENTS) + (["refiner_unet"] if load_refiner and arts.has_refiner else [])
+        if verify_hashes:
+            for name in names:
+                arts.check_files(name, hashes=True)
+        store = arts.engine_store
+        chosen = choose_backend(backend, store)
+        dev = choose_device(device, chosen)
+        runners: dict[str, ComponentRunner] = {}
+        try:
+            for name in names:
+                entry = None
+                if store is not None and getattr(store.entries.get(name), "backend", None) == chosen:
+                    entry = store.verify(name)  # named error before any deserialisation
+                ctx = ComponentContext(artifacts=arts.root, name=name, spec=arts.specs[name],
+                                       export_entry=arts.component(name), engine_entry=entry, device=dev,
+                                       options={"session_options": dict(session_options or {})})
+                runners[name] = create_runner(chosen, ctx).open()
+            encoder = PromptEncoder(arts.tokenizer("tokenizer"), arts.tokenizer("tokenizer_2"),
+                                    runners["text_encoder"], runners["text_encoder_2"])
+            pipe = cls(arts, chosen, dev, runners, encoder)
+        except BaseException:
+            for r in runners.values():
+                r.close()
+            raise
+        log.info("pipeline ready: %s on %s (%s)", chosen, dev, ", ".join(names))
+        return pipe
+
+    def _check_conditioning_dims(self) -> None:
+        specs = self.artifacts.specs
+        h1 = specs["text_encoder"].outputs[0].shape[-1]
+        h2 = specs["text_encoder_2"].outputs[0].shape[-1]
+        problems = []
+        unet_in = {t.name: t for t in specs["unet"].inputs}
+        if unet_in["encoder_hidden_states"].shape[-1] != h1 + h2:
+            problems.append(f"unet context {unet_in['encoder_hidden_states'].shape[-1]} != {h1} + {h2}")
+        if unet_in["time_ids"].shape[-1] != 6:
+            problems.append(f"unet takes {unet_in['time_ids'].shape[-1]} time ids, SDXL's base takes 6")
+        if self.has_refiner:
+            ref_in = {t.name: t for t in specs["refiner_unet"].inputs}
+            if ref_in["encoder_hidden_states"].shape[-1] != h2:
+                problems.append(f"refiner context {ref_in['encoder_hidden_states'].shape[-1]} != text_encoder_2 {h2}")
+            if ref_in["time_ids"].shape[-1] not in (5, 6):
+                problems.append(f"refiner takes {ref_in['time_ids'].shape[-1]} time ids (5 or 6 expected)")
+        if problems:
+            raise ArtifactError(f"{self.artifacts.root}: components do not fit together: {'; '.join(problems)}",
+                                "export base and refiner of the same SDXL family")
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    @property
+    def has_refiner(self) -> bool:
+        return "refiner_unet" in self.runners
+
+    def close(self) -> None:
+        for r in self.runners.values():
+            r.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def description(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend, "device": str(self.device), "artifacts": str(self.artifacts.root),
+            "native_size": self.native_size, "vae": vars(self.vae_config),
+            "components": {n: r.description for n, r in self.runners.items()},
+        }
+
+    def nearest_size(self, height: int, width: int) -> tuple[int, int]:
+        """The SDXL aspect bucket (at this model's native size) nearest to ``height x width``."""
+        b = nearest_bucket(height, width, self.native_size)
+        return b.height, b.width
+
+    # ---- sampling --------------------------------------------------------------------------------
+    def __call__(
+        self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
+        height: int | None = None, width: int | None = None, num_inference_steps: int = 30,
+        guidance_scale: float = 5.0, denoising_end: float = 0.8, refiner: bool = True, seed: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None, num_images_per_prompt: int = 1,
+        scheduler: str = "euler", original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
+        aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5, output_type: str = "pil",
+    ) -> SDXLPipelineOutput:
+        t0 = time.perf_counter()
+        req = check_request(
+            prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, denoising_end=denoising_end,
+            refiner=refiner, seed=seed, generator=generator, num_images_per_prompt=num_images_per_prompt,
+            scheduler=scheduler, original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+            target_size=target_size, aesthetic_score=aesthetic_score,
+            negative_aesthetic_score=negative_aesthetic_score, output_type=output_type,
+            native=self.native_size, vae_scale=self.vae_scale,
+        )
+        if req.refiner and not self.has_refiner:
+            hint = ("run with refiner=False (--no-refiner)" if not self.artifacts.has_refiner
+                    else "open the pipeline with load_refiner=True, or run with refiner=False")
+            raise MissingComponentError("this pipeline has no refiner", hint)
+        self._check_supported(req)
+        timings = StageTimings()
+        enc = self.encoder.encode(req.prompts, req.negatives, guidance=req.guidance, refiner=req.refiner,
+                                  timings=timings)
+        latents, base_steps = self._base(req, enc, timings)
+        refiner_steps = 0
+        if req.refiner:
+            latents, refiner_steps = self._refine(req, enc, latents, timings)
+        if not torch.isfinite(latents).all():
+            raise NumericalError("the UNets produced NaN/Inf latents",
+                                 "run the UNets in fp32 or rebuild their engines with --precision fp32")
+        images = latents if req.output_type == "latent" else self._decode(latents, req.output_type, timings)
+        timings.total = time.perf_counter() - t0
+        info = {"backend": self.backend, "device": str(self.device), "scheduler": req.scheduler,
+                "height": req.height, "width": req.width, "base_steps": base_steps,
+                "refiner_steps": refiner_steps, "guidance": req.guidance, "batch": req.batch}
+        return SDXLPipelineOutput(images=images, latents=latents, timings=timings, seed=req.seed, info=info)
+
+    def _check_supported(self, req: SampleRequest) -> None:
+        """Refuse shapes a fixed-profile engine cannot serve before any work is done."""
+        unet_batch = req.batch * (2 if req.guidance else 1)
+        calls = {"text_encoder": len(req.prompts), "text_encoder_2": len(req.prompts), "unet": unet_batch,
+                 "vae_decoder": req.batch}
+        if req.refiner:
+            calls["refiner_unet"] = unet_batch
+        for name, batch in calls.items():
+            self.runners[name].check_supported(batch, req.height, req.width)
+
+    def _denoise(self, runner: ComponentRunner, stage: str, sched: Any, timesteps: torch.Tensor,
+                 latents: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                 req: SampleRequest, timings: StageTimings) -> torch.Tensor:
+        embeds, pooled, time_ids = cond
+        extra = step_kwargs(sched, req.generator)
+        t_feed = timesteps.to(device=self.device, dtype=torch.float32).reshape(-1, 1)
+        for i, t in enumerate(timesteps):
+            model_in = torch.cat([latents] * 2) if req.guidance else latents
+            model_in = sched.scale_model_input(model_in, t)
+            feeds = {"sample": model_in, "timestep": t_feed[i], "encoder_hidden_states": embeds,
+                     "text_embeds": pooled, "time_ids": time_ids}
+            with timings.measure(stage):
+                noise_pred = runner(feeds)["noise_pred"]
+            if req.guidance:
+                uncond, text = noise_pred.chunk(2)
+                noise_pred = uncond + req.guidance_scale * (text - uncond)
+            latents = sched.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+        return latents
+
+    def _conditioning(self, embeds: torch.Tensor, pooled: torch.Tensor, neg_embeds: torch.Tensor | None,
+                      neg_pooled: torch.Tensor | None, req: SampleRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        n = req.images_per_prompt
+        embeds, pooled = repeat_per_image(embeds, n), repeat_per_image(pooled, n)
+        if req.guidance:
+            assert neg_embeds is not None and neg_pooled is not None
+            embeds = torch.cat([repeat_per_image(neg_embeds, n), embeds], dim=0)
+            pooled = torch.cat([repeat_per_image(neg_pooled, n), pooled], dim=0)
+        return embeds.to(self.device).contiguous(), pooled.to(self.device).contiguous()
+
+    def _base(self, req: SampleRequest, enc: EncodedPrompts, timings: StageTimings) -> tuple[torch.Tensor, int]:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        sched = self._schedulers(req.scheduler)
+        timesteps = base_timesteps(sched, req.steps, self.device, req.denoising_end if req.refiner else None)
+        shape = (req.batch, self.latent_channels, req.height // self.vae_scale, req.width // self.vae_scale)
+        latents = randn_tensor(shape, generator=req.generator, device=self.device, dtype=torch.float32)
+        latents = latents * sched.init_noise_sigma
+        embeds, pooled = self._conditioning(enc.base_embeds, enc.base_pooled, enc.base_neg_embeds,
+                                            enc.base_neg_pooled, req)
+        ids = torch.tensor([list(req.original_size + req.crops_coords_top_left + req.target_size)],
+                           dtype=torch.float32)
+        if req.guidance:
+            ids = torch.cat([ids, ids], dim=0)
+        time_ids = ids.to(self.device).repeat(req.batch, 1)
+        latents = self._denoise(self.runners["unet"], "unet", sched, timesteps, latents,
+                                (embeds, pooled, time_ids), req, timings)
+        return latents, len(timesteps)
+
+    def _refine(self, req: SampleRequest, enc: EncodedPrompts, latents: torch.Tensor,
+                timings: StageTimings) -> tuple[torch.Tensor, int]:
+        assert enc.refiner_embeds is not None and enc.refiner_pooled is not None
+        assert self._refiner_schedulers is not None
+        sched = self._refiner_schedulers(req.scheduler)
+        timesteps = refiner_timesteps(sched, req.steps, self.device, req.denoising_end)
+        # img2img prepare_latents with 4-channel "image" and denoising_start: the latents, no noise.
+        latents = torch.cat([latents.to(self.device, torch.float32)], dim=0)
+        embeds, pooled = self._conditioning(enc.refiner_embeds, enc.refiner_pooled, enc.refiner_neg_embeds,
+                                            enc.refiner_neg_pooled, req)
+        n_ids = int({t.name: t for t in self.runners["refiner_unet"].spec.inputs}["time_ids"].shape[-1])
+        orig, crops = req.original_size, req.crops_coords_top_left
+        if n_ids == 5:  # requires_aesthetics_score: negative crops are diffusers' default (0, 0)
+            pos, neg = [*orig, *crops, req.aesthetic_score], [*orig, 0, 0, req.negative_aesthetic_score]
+        else:
+            pos = neg = [*orig, *crops, *req.target_size]
+        time_ids = torch.tensor([pos], dtype=torch.float32).repeat(req.batch, 1)
+        if req.guidance:
+            time_ids = torch.cat([torch.tensor([neg], dtype=torch.float32).repeat(req.batch, 1), time_ids], dim=0)
+        latents = self._denoise(self.runners["refiner_unet"], "refiner_unet", sched, timesteps, latents,
+                                (embeds, pooled, time_ids.to(self.device)), req, timings)
+        return latents, len(timesteps)
+
+    def _decode(self, latents: torch.Tensor, output_type: str, timings: StageTimings) -> Any:
+        """VAE decode in fp32 (SDXL's VAE overflows in fp16), checked, then diffusers' post-processing."""
+        vae = self.vae_config
+        lat = latents.to(torch.float32)
+        if vae.latents_mean is not None and vae.latents_std is not None:
+            c = self.latent_channels
+            mean = torch.tensor(vae.latents_mean).view(1, c, 1, 1).to(lat.device, lat.dtype)
+            std = torch.tensor(vae.latents_std).view(1, c, 1, 1).to(lat.device, lat.dtype)
+            lat = lat * std / vae.scaling_factor + mean
+        else:
+            lat = lat / vae.scaling_factor
+        with timings.measure("vae_decoder"):
+            image = self.runners["vae_decoder"]({"latent": lat.contiguous()})["images"]
+        if not torch.isfinite(image).all():
+            raise NumericalError(
+                "the VAE decode produced NaN/Inf (it would be a black image)",
+                "decode in fp32: rebuild the vae_decoder engine with --precision fp32, or use an fp16-fixed VAE",
+            )
+        return self._image_processor.postprocess(image, output_type=output_type)

@@ -1,0 +1,137 @@
+"""Schedulers (diffusers' own, never rewritten) and the timestep plans of base and refiner.
+
+A scheduler is configured from the model's ``scheduler_config.json`` (the same dict
+diffusers' pipelines load), with the overrides that define the named sampler: e.g.
+DPM++ 2M Karras is ``DPMSolverMultistepScheduler.from_config(cfg, use_karras_sigmas=True)``,
+as diffusers documents it. Schedulers hold per-call state (step index, solver history),
+so the pipeline makes a fresh one per call: calls from several threads never share one.
+
+:func:`base_timesteps` and :func:`refiner_timesteps` are line-for-line the timestep
+logic of ``StableDiffusionXLPipeline.__call__`` (the ``denoising_end`` cut-off) and
+``StableDiffusionXLImg2ImgPipeline.get_timesteps`` (``denoising_start``, the second-order
+``+1``, ``set_begin_index``) in diffusers 0.3x-0.4x.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..errors import InvalidRequestError
+
+#: name -> (diffusers class, config overrides).
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler",
+                 {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
+                        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "ddim": ("DDIMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+ALIASES = {
+    "euler_ancestral": "euler_a",
+    "dpm++_2m": "dpmpp_2m",
+    "dpm++2m": "dpmpp_2m",
+    "dpm++_2m_karras": "dpmpp_2m_karras",
+    "dpm++2m_karras": "dpmpp_2m_karras",
+}
+
+
+def scheduler_names() -> tuple[str, ...]:
+    return tuple(SCHEDULERS)
+
+
+def canonical_name(name: str) -> str:
+    key = str(name).strip().lower().replace("-", "_").replace(" ", "_")
+    key = ALIASES.get(key, key)
+    if key not in SCHEDULERS:
+        raise InvalidRequestError(f"unknown scheduler {name!r}", f"use one of: {', '.join(SCHEDULERS)}")
+    return key
+
+
+def make_scheduler(name: str, config: Mapping[str, Any]) -> Any:
+    """A fresh diffusers scheduler ``name`` configured from the model's scheduler config."""
+    import diffusers
+
+    cls_name, overrides = SCHEDULERS[canonical_name(name)]
+    cls = getattr(diffusers, cls_name)
+    return cls.from_config(dict(config), **overrides)
+
+
+class SchedulerFactory:
+    """Fresh schedulers per call, cheaply: ``from_config`` once per name, then deep copies.
+
+    ``from_config`` introspects signatures (~25 ms); a deep copy of the untouched
+    prototype is the same state in well under a millisecond. Prototypes are never
+    stepped, so copying them from several threads at once is safe.
+    """
+
+    def __init__(self, config: Mapping[str, Any]):
+        self.config = dict(config)
+        self._prototypes: dict[str, Any] = {}
+
+    def __call__(self, name: str) -> Any:
+        key = canonical_name(name)
+        proto = self._prototypes.get(key)
+        if proto is None:
+            proto = self._prototypes.setdefault(key, make_scheduler(key, self.config))
+        return copy.deepcopy(proto)
+
+
+@functools.cache
+def _step_params(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.step).parameters)
+
+
+def step_kwargs(scheduler: Any, generator: Any, eta: float = 0.0) -> dict[str, Any]:
+    """diffusers' ``prepare_extra_step_kwargs``: ``eta`` and ``generator`` where ``step`` takes them."""
+    params = _step_params(type(scheduler))
+    out: dict[str, Any] = {}
+    if "eta" in params:
+        out["eta"] = eta
+    if "generator" in params:
+        out["generator"] = generator
+    return out
+
+
+def _valid_fraction(x: Any) -> bool:
+    return isinstance(x, float) and 0 < x < 1
+
+
+def base_timesteps(scheduler: Any, num_inference_steps: int, device: torch.device,
+                   denoising_end: float | None) -> torch.Tensor:
+    """The base pipeline's timesteps, cut at ``denoising_end`` (begin index 0)."""
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    timesteps = scheduler.timesteps
+    if denoising_end is not None and _valid_fraction(denoising_end):
+        n_train = scheduler.config.num_train_timesteps
+        cutoff = round(n_train - (denoising_end * n_train))
+        n = len(list(filter(lambda ts: ts >= cutoff, timesteps)))
+        timesteps = timesteps[:n]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
+    return timesteps
+
+
+def refiner_timesteps(scheduler: Any, num_inference_steps: int, device: torch.device,
+                      denoising_start: float) -> torch.Tensor:
+    """The img2img pipeline's timesteps from ``denoising_start`` on (sets the begin index)."""
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    n_train = scheduler.config.num_train_timesteps
+    cutoff = round(n_train - (denoising_start * n_train))
+    n = int((scheduler.timesteps < cutoff).sum().item())
+    if scheduler.order == 2 and n % 2 == 0:
+        n = n + 1
+    t_start = len(scheduler.timesteps) - n
+    timesteps = scheduler.timesteps[t_start:]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start)
+    return timesteps
