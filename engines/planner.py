@@ -335,6 +335,13 @@ def check_limits(plan: ComponentPlan, buckets: Sequence[Bucket], *, max_profiles
                     f"{where}: max shape {hi} has more than 2**31-1 elements",
                     "use smaller --batch-sizes or fewer large --buckets",
                 )
+        for t in plan.spec.outputs:
+            hi_out = t.concrete(_max_dims(plan.spec, p))
+            if math.prod(hi_out) > TRT_MAX_VOLUME:
+                raise PlanError(
+                    f"{plan.name} profile {i} output {t.name}: max shape {hi_out} has more than 2**31-1 elements",
+                    "use smaller --batch-sizes or fewer large --buckets",
+                )
     # Every requested (bucket, batch) must be served by a profile that lists it and covers it.
     for b in buckets if plan.spatial else buckets[:1]:
         for n in plan.batch_sizes:
@@ -342,3 +349,20 @@ def check_limits(plan: ComponentPlan, buckets: Sequence[Bucket], *, max_profiles
             if not any(b in p.buckets and n in p.batch_sizes and p.covers(shapes) for p in plan.profiles):
                 raise PlanError(f"{plan.name}: bucket {b} at batch {n} is served by no profile",
                                 "report this as a bug")
+
+
+def _max_dims(spec: ComponentSpec, profile: PlannedProfile) -> dict[str, int]:
+    """Symbolic dim values at a profile's max shapes (pixel dims from latent ones and back)."""
+    dims: dict[str, int] = {}
+    for t in spec.inputs:
+        hi = profile.shapes[t.name][2]
+        for d, v in zip(t.shape, hi):
+            if isinstance(d, str):
+                dims[d] = max(dims.get(d, 0), int(v))
+    s = spec.vae_scale
+    for px, lat in (("height", "latent_height"), ("width", "latent_width")):
+        if lat in dims:
+            dims.setdefault(px, dims[lat] * s)
+        elif px in dims:
+            dims.setdefault(lat, dims[px] // s)
+    return dims

@@ -1,0 +1,93 @@
+"""Type-check the TensorRT-calling code with mypy against ``tensorrt-stubs``.
+
+TensorRT cannot be installed on CPU machines, so its API use is checked statically.
+``tensorrt-stubs`` 10.13 is not usable as installed: it puts ``tensorrt/__init__.pyi``
+in site-packages without a ``py.typed`` marker (mypy then treats ``tensorrt`` as
+untyped, i.e. ``Any``, and checks nothing), and its generated ``tensorrt_bindings``
+stub has syntax errors (parameters named ``in``, a non-default parameter after default
+ones) and imports a ``tensorrt_libs`` it does not ship. This test copies the stubs,
+repairs exactly those lines, puts them on ``MYPYPATH`` and runs mypy in strict mode. A
+negative control (a misspelt TensorRT enum member) proves the stubs are in effect.
+
+CI command (same thing): ``python -m pytest tests/test_engines_typecheck.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+#: The modules that call TensorRT's API (add runtime/tensorrt_runner.py when it exists).
+TRT_MODULES = [p for p in ("engines/trt_builder.py", "runtime/tensorrt_runner.py") if (ROOT / p).is_file()]
+
+MYPY_INI = """\
+[mypy]
+python_version = 3.11
+follow_imports = silent
+ignore_missing_imports = True
+[mypy-tensorrt,tensorrt.*,tensorrt_bindings,tensorrt_bindings.*,tensorrt_libs]
+ignore_errors = True
+"""
+
+
+def _stub_dir(name: str) -> Path | None:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        if (Path(loc) / "__init__.pyi").is_file():
+            return Path(loc)
+    return None
+
+
+@pytest.fixture(scope="module")
+def stub_path(tmp_path_factory) -> Path:
+    trt, bindings = _stub_dir("tensorrt"), _stub_dir("tensorrt_bindings")
+    if trt is None or bindings is None:
+        pytest.skip("tensorrt-stubs is not installed")
+    out = tmp_path_factory.mktemp("trt-stubs")
+    shutil.copytree(trt, out / "tensorrt", ignore=shutil.ignore_patterns("*.py", "*.so", "__pycache__"))
+    shutil.copytree(bindings, out / "tensorrt_bindings", ignore=shutil.ignore_patterns("*.py", "*.so", "__pycache__"))
+    stub = out / "tensorrt_bindings" / "tensorrt.pyi"
+    text = stub.read_text()
+    text = re.sub(r"(?<=[(,] )in: ", "in_: ", text)  # `in` is a keyword
+    text = re.sub(r"(?<=\()in: ", "in_: ", text)
+    text = re.sub(r"(power: Weights = None, channel_axis: int)\)", r"\1 = ...)", text)
+    stub.write_text(text)
+    (out / "tensorrt_libs.pyi").write_text("")
+    (out / "mypy.ini").write_text(MYPY_INI)
+    return out
+
+
+def _mypy(stub_path: Path, *targets: str) -> subprocess.CompletedProcess[str]:
+    env = {"MYPYPATH": str(stub_path), "PATH": "/usr/bin:/bin"}
+    return subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file", str(stub_path / "mypy.ini"), "--strict",
+         "--cache-dir", str(stub_path / ".mypy_cache"), *targets],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+
+
+def test_tensorrt_calling_code_type_checks(stub_path):
+    control = stub_path / "control.py"
+    control.write_text(
+        "import tensorrt as trt\n"
+        "def f() -> int:\n"
+        "    x: trt.HardwareCompatibilityLevel = trt.HardwareCompatibilityLevel.AMPERE_PLUSS\n"
+        "    return trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(b'').name\n"
+    )
+    bad = _mypy(stub_path, str(control))
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert 'has no attribute "AMPERE_PLUSS"' in bad.stdout  # the stubs are in effect, not Any
+    assert 'Incompatible return value type (got "str", expected "int")' in bad.stdout
+
+    res = _mypy(stub_path, *TRT_MODULES)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Success" in res.stdout
