@@ -1,56 +1,73 @@
 """Export an SDXL model to a self-contained artifact folder (ONNX + manifest).
 
 The folder holds everything the runtime needs -- one validated ONNX graph per
-component, the tokenizers, the scheduler configs, the PyTorch weights for the
-reference backend (safetensors) -- and a manifest naming each file with its sha256.
+component, the tokenizers, the scheduler configs, the VAE's scaling, the PyTorch weights
+for the reference backend (safetensors) -- and a manifest naming each file with its sha256.
 
-Incremental: each component's record carries a key (source fingerprint, opset,
-exporter and library versions, spec); a rerun with the same key and intact files does
-no export work. Atomic: every component is written into a temporary folder and renamed
-into place, and the manifest is rewritten after each component with
-``"complete": false`` until the last one, so a process killed mid-export leaves
-nothing that a reader trusts, and the rerun resumes from the finished components.
+Incremental: each component's and asset's record carries a key (the fingerprint of the
+model part it comes from, opset, exporter revision, library versions, spec). The source
+is fingerprinted without loading weights (:func:`~sdxl_export.models.loader.resolve_source`),
+so a rerun with the same inputs finds every key and hash matching and returns before
+any model is built; a rerun after a change re-exports only the parts that changed.
+
+Atomic: every component and asset is written into a temporary folder and renamed into
+place; the manifest says ``"complete": false`` from before the first change until the
+last file is in, so a process killed mid-export leaves nothing that a reader trusts,
+and the rerun resumes from the finished components. One export at a time may write a
+folder (an advisory lock on it); bad input is refused before anything is written, and a
+failed first export removes the folder it created.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-
+import os
 import platform
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
-
-
+from typing import Any
 
 from .. import __version__
 from ..artifacts import (
-    DEFAULT_ARTIFACTS, ENGINE_DIR, EXPORT_MANIFEST, FORMAT_EXPORT, TMP_PREFIX, atomic_dir,
-    atomic_write_json, clean_stale_tmp, manifest_header, read_manifest, sha256_file, sha256_json,
+    DEFAULT_ARTIFACTS,
+    ENGINE_DIR,
+    EXPORT_MANIFEST,
+    FORMAT_EXPORT,
+    TMP_PREFIX,
+    atomic_dir,
+    atomic_write_json,
+    manifest_header,
+    read_manifest,
+    sha256_file,
+    sha256_json,
 )
-from ..buckets import nearest_bucket
-from ..errors import ArtifactError, OpsetError, OutputDirError
-from ..models.loader import SDXLModel, load_model
-from ..models.wrappers import wrap
-from ..specs import component_specs
-from . import onnx_tools
+from ..errors import ArtifactError, CorruptArtifactError, OpsetError, OutputDirError
+from ..models.loader import ModelSource, SDXLModel, resolve_source
+from ..specs import ComponentSpec, component_specs
+from .onnx_tools import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
 log = logging.getLogger(__name__)
 
 #: Bump when the export procedure changes what it writes: every component re-exports.
-EXPORTER_REVISION = 1
+EXPORTER_REVISION = 2
 EXPORTER = "torch.onnx (TorchScript, dynamo=False)"
 
-TORCH_MODULES = {
-    "text_encoder": "text_encoder",
-    "text_encoder_2": "text_encoder_2",
-    "unet": "unet",
-    "refiner_unet": "refiner_unet",
-    "vae": "vae",
+#: component -> the model part whose weights it traces.
+COMPONENT_PARTS = {
+    "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
+    "refiner_unet": "refiner_unet", "vae_decoder": "vae", "vae_encoder": "vae",
 }
+#: PyTorch modules saved for the reference backend (asset ``torch/<part>``).
+TORCH_MODULES = ("text_encoder", "text_encoder_2", "unet", "refiner_unet", "vae")
+#: Libraries whose version changes what an export writes (part of every key).
+KEY_LIBRARIES = ("torch", "onnx", "onnxruntime", "onnx-graphsurgeon", "diffusers", "transformers")
+#: VAE config values the runtime needs for the latent <-> pixel hand-off.
+VAE_RUNTIME_KEYS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast")
 
 Progress = Callable[[str, int, int], None]
 
@@ -70,63 +87,154 @@ def _fix_cmd(out: Path) -> str:
     return f"run `sdxl-export export --out {out}`"
 
 
-def prepare_out_dir(out: Path) -> dict[str, Any] | None:
-    """Check ``out`` can hold our artifacts; return its current manifest if any.
+def check_opset(opset: int) -> int:
+    if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise OpsetError(
+            f"opset {opset} is outside the supported {MIN_OPSET}..{MAX_OPSET}",
+            f"pass --opset between {MIN_OPSET} and {MAX_OPSET} (default {DEFAULT_OPSET})",
+        )
+    return opset
 
-    Refuses a file, an unwritable folder, and a non-empty folder that is not ours
-    (we never write into, or delete from, somebody else's folder).
+
+# ---- the output folder ----------------------------------------------------------------------
+def prepare_out_dir(out: Path) -> dict[str, Any] | None:
+    """Check, without writing, that ``out`` can hold our artifacts; return its manifest if any.
+
+    Refuses a file and a non-empty folder that is not ours (we never write into, or
+    delete from, somebody else's folder). An unreadable or interrupted manifest of ours
+    is returned as None / as is: the export redoes what it cannot trust.
     """
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"output {out} is a file", "pass a folder path to --out")
-    previous = None
-    if out.is_dir():
-        entries = [p for p in out.iterdir() if not p.name.startswith(TMP_PREFIX)]
-        if entries:
-            if not (out / EXPORT_MANIFEST).is_file():
-                raise OutputDirError(
-                    f"output folder {out} is not empty and holds no sdxl-export manifest",
-                    "pass a new or empty folder to --out (nothing in it was touched)",
-                )
-            try:
-                previous = read_manifest(out / EXPORT_MANIFEST, FORMAT_EXPORT, _fix_cmd(out))
-            except ArtifactError as exc:
-                if "not written by sdxl-export" in exc.message:
-                    raise OutputDirError(
-                        f"output folder {out} holds a manifest.json not written by sdxl-export",
-                        "pass a new or empty folder to --out (nothing in it was touched)",
-                    ) from None
-                log.warning("previous manifest unusable (%s): exporting everything again", exc.message)
+    if not out.is_dir():
+        return None
+    entries = [p for p in out.iterdir() if not p.name.startswith(TMP_PREFIX)]
+    if not entries:
+        return None
+    if not (out / EXPORT_MANIFEST).is_file():
+        raise OutputDirError(
+            f"output folder {out} is not empty and holds no sdxl-export manifest",
+            "pass a new or empty folder to --out (nothing in it was touched)",
+        )
+    try:
+        previous = read_manifest(out / EXPORT_MANIFEST, FORMAT_EXPORT, _fix_cmd(out))
+    except CorruptArtifactError as exc:
+        log.warning("previous manifest unusable (%s): exporting everything again", exc.message)
+        return {}
+    except ArtifactError as exc:
+        raise OutputDirError(
+            f"output folder {out} holds a manifest.json that this sdxl-export cannot use ({exc.message})",
+            "pass a new or empty folder to --out (nothing in it was touched)",
+        ) from None
+    if not isinstance(previous.get("components"), dict) or not isinstance(previous.get("assets"), dict):
+        log.warning("previous manifest of %s is malformed: exporting everything again", out)
+        return {}
+    return previous
+
+
+@contextlib.contextmanager
+def _writable_locked(out: Path) -> Iterator[bool]:
+    """Create ``out`` if needed, check it is writable, hold an exclusive lock on it.
+
+    Yields whether this call created the folder (the caller removes it again when the
+    export fails before writing anything trustworthy).
+    """
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f"{TMP_PREFIX}write-probe"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise OutputDirError(f"cannot write to {out} ({exc.strerror})", "pass a writable folder to --out") from None
-    n = clean_stale_tmp(out)
-    if n:
-        log.info("removed %d leftover temporary file(s) of an interrupted run", n)
-    return previous
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise OutputDirError(f"cannot write to {out} ({exc.strerror or exc})",
+                             "pass a writable folder to --out") from None
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover -- no advisory locks on this OS
+            pass
+        except BlockingIOError:
+            raise OutputDirError(f"another sdxl-export export is writing to {out}",
+                                 "wait for it to finish, or pass another --out") from None
+        yield created
+    finally:
+        os.close(fd)
 
 
-def _files_ok(root: Path, files: dict[str, str]) -> bool:
-    return bool(files) and all((root / rel).is_file() and sha256_file(root / rel) == h for rel, h in files.items())
+def _clean_own_tmp(out: Path) -> int:
+    """Remove ``.tmp-*`` leftovers of interrupted exports (not of other stages, e.g. engines/)."""
+    n = 0
+    for folder in (out, out / "onnx", out / "torch"):
+        if not folder.is_dir():
+            continue
+        for p in folder.glob(TMP_PREFIX + "*"):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def _files_ok(root: Path, files: Any) -> bool:
+    return isinstance(files, dict) and bool(files) and all(
+        (root / rel).is_file() and sha256_file(root / rel) == h for rel, h in files.items()
+    )
 
 
 def _hash_tree(root: Path, sub: Path) -> dict[str, str]:
-    return {
-        p.relative_to(root).as_posix(): sha256_file(p)
-        for p in sorted((root / sub).rglob("*")) if p.is_file()
-    }
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted((root / sub).rglob("*")) if p.is_file()}
 
 
+# ---- the plan: what this export writes, and each item's key -----------------------------------
+class ExportPlan:
+    """Components and assets an export of ``source`` writes, each with its incremental key."""
+
+    def __init__(self, source: ModelSource, opset: int, validate: bool, torch_weights: bool):
+        self.source = source
+        self.opset = opset
+        self.validate = validate
+        self.dims = source.dims()
+        self.specs: dict[str, ComponentSpec] = component_specs(self.dims, with_refiner=source.has_refiner)
+        self.versions = library_versions()
+        fps = source.fingerprints
+        base = {"revision": EXPORTER_REVISION, "versions": {k: self.versions.get(k) for k in KEY_LIBRARIES}}
+        self.component_keys = {
+            name: sha256_json({**base, "component": name, "part": fps[COMPONENT_PARTS[name]], "opset": opset,
+                               "validate": validate, "spec": spec.to_dict()})
+            for name, spec in self.specs.items()
+        }
+        #: asset folder -> the part it is written from
+        self.asset_parts = {"tokenizer": "tokenizer", "tokenizer_2": "tokenizer_2", "scheduler": "scheduler"}
+        if source.has_refiner:
+            self.asset_parts["refiner_scheduler"] = "refiner_scheduler"
+        if torch_weights:
+            self.asset_parts.update(
+                {f"torch/{m}": m for m in TORCH_MODULES if m != "refiner_unet" or source.has_refiner})
+        self.asset_keys = {a: sha256_json({**base, "asset": a, "part": fps[p]}) for a, p in self.asset_parts.items()}
+
+    def kept(self, out: Path, previous: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Records of ``previous`` that are still valid: same key, files intact."""
+        comps = {n: r for n, r in (previous.get("components") or {}).items()
+                 if isinstance(r, dict) and self.component_keys.get(n) == r.get("key") and _files_ok(out, r.get("files"))}
+        assets = {a: r for a, r in (previous.get("assets") or {}).items()
+                  if isinstance(r, dict) and self.asset_keys.get(a) == r.get("key") and _files_ok(out, r.get("files"))}
+        return comps, assets
+
+
+# ---- export -------------------------------------------------------------------------------------
 def export_model(
     model: SDXLModel | str = "tiny",
     out_dir: str | Path = DEFAULT_ARTIFACTS,
     *,
     refiner: str | None = "same",
     with_refiner: bool = True,
-    opset: int = 17,
+    opset: int = DEFAULT_OPSET,
     validate: bool = True,
     torch_weights: bool = True,
     progress: Progress | None = None,
@@ -134,166 +242,229 @@ def export_model(
     """Export every component of ``model`` into ``out_dir``; return the manifest.
 
     ``model`` is an :class:`SDXLModel` or a source string (preset name, diffusers
-    folder, hub id) given to :func:`~sdxl_export.models.load_model` with ``refiner``.
+    folder, hub id) resolved with ``refiner``/``with_refiner`` by
+    :func:`~sdxl_export.models.loader.resolve_source`. The returned dict is the manifest
+    plus ``up_to_date`` (nothing was done), ``exported`` and ``kept`` (component names).
     """
-    if not onnx_tools.MIN_OPSET <= int(opset) <= onnx_tools.MAX_OPSET:
-        raise OpsetError(
-            f"opset {opset} is outside {onnx_tools.MIN_OPSET}..{onnx_tools.MAX_OPSET}",
-            f"pass --opset between {onnx_tools.MIN_OPSET} and {onnx_tools.MAX_OPSET} (default 17)",
-        )
+    check_opset(opset)
+    source = ModelSource.from_model(model) if isinstance(model, SDXLModel) else resolve_source(
+        model, refiner=refiner, with_refiner=with_refiner)
     out = Path(out_dir)
-    previous = prepare_out_dir(out)
-    try:
-        if isinstance(model, str):
-            model = load_model(model, refiner=refiner, with_refiner=with_refiner)
-        return _export(model, out, previous, opset, validate, torch_weights, progress)
-    finally:
-        clean_stale_tmp(out)
+    prepare_out_dir(out)  # refuse a foreign folder before creating or locking anything
+    plan = ExportPlan(source, opset, validate, torch_weights)
+    with _writable_locked(out) as created:
+        try:
+            return _export(plan, out, prepare_out_dir(out), progress)
+        except BaseException:
+            if created and not (out / EXPORT_MANIFEST).exists():
+                shutil.rmtree(out, ignore_errors=True)  # nothing of this run is trustworthy
+            raise
+        finally:
+            if out.is_dir():
+                _clean_own_tmp(out)
 
 
-def _export(
-    model: SDXLModel, out: Path, previous: dict[str, Any] | None, opset: int, validate: bool,
-    torch_weights: bool, progress: Progress | None,
-) -> dict[str, Any]:
-    dims = model.dims()
-    specs = component_specs(dims, with_refiner=model.has_refiner)
-    native = dims.native_size
-    versions = library_versions()
-    source_fp = model.source.get("fingerprint", "")
-    prev_components = (previous or {}).get("components", {})
+def _export(plan: ExportPlan, out: Path, previous: dict[str, Any] | None, progress: Progress | None) -> dict[str, Any]:
+    n_stale = _clean_own_tmp(out)
+    if n_stale:
+        log.info("removed %d leftover temporary file(s) of an interrupted export", n_stale)
+    source = plan.source
+    kept, kept_assets = plan.kept(out, previous or {})
+    todo = [n for n in plan.specs if n not in kept]
+    assets_todo = [a for a in plan.asset_parts if a not in kept_assets]
+    stale = sorted(set((previous or {}).get("components") or {}) - set(plan.specs))
+    stale_assets = sorted(set((previous or {}).get("assets") or {}) - set(plan.asset_parts))
 
     manifest: dict[str, Any] = {
         **manifest_header(FORMAT_EXPORT),
         "complete": False,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "source": model.source,
-        "model": dims.to_dict(),
-        "native_size": native,
-        "opset": opset,
+        "source": source.identity,
+        "model": plan.dims.to_dict(),
+        "native_size": plan.dims.native_size,
+        "opset": plan.opset,
         "exporter": EXPORTER,
         "exporter_revision": EXPORTER_REVISION,
-        "versions": versions,
-        "components": {},
-        "assets": {},
+        "versions": plan.versions,
+        "vae": {k: v for k, v in source.part_config("vae").items() if k in VAE_RUNTIME_KEYS},
+        "components": {n: kept[n] for n in plan.specs if n in kept},
+        "assets": {a: kept_assets[a] for a in plan.asset_parts if a in kept_assets},
     }
+    if previous and previous.get("complete") and not (todo or assets_todo or stale or stale_assets):
+        same = {k: previous.get(k) for k in ("source", "vae", "opset")} == {
+            k: manifest[k] for k in ("source", "vae", "opset")}
+        if same:
+            log.info("%s is up to date (%d components, source %s %s): no export work done",
+                     out, len(plan.specs), source.kind, source.id)
+            return {**previous, "up_to_date": True, "exported": [], "kept": list(plan.specs)}
+    for name in kept:
+        log.info("%s: up to date, kept", name)
 
-    def key_for(name: str) -> str:
-        return sha256_json({
-            "source": source_fp, "component": name, "opset": opset, "revision": EXPORTER_REVISION,
-            "torch": versions.get("torch"), "onnx": versions.get("onnx"), "validate": validate,
-            "spec": specs[name].to_dict() if name in specs else None,
-        })
-
-    todo = [n for n in specs if not (
-        prev_components.get(n, {}).get("key") == key_for(n) and _files_ok(out, prev_components[n]["files"])
-    )]
-    assets_key = sha256_json({"source": source_fp, "torch_weights": torch_weights, "revision": EXPORTER_REVISION})
-    prev_assets = (previous or {}).get("assets", {})
-    assets_ok = bool(prev_assets) and all(
-        a.get("key") == assets_key and _files_ok(out, a.get("files", {})) for a in prev_assets.values()
-    )
-    stale_components = set(prev_components) - set(specs)
-    if previous and previous.get("complete") and not todo and assets_ok and not stale_components:
-        log.info("%s is up to date (%d components, source %s): no export work done",
-                 out, len(specs), model.source.get("id"))
-        previous["up_to_date"] = True
-        return previous
-
-    for name in specs:
-        if name not in todo:
-            manifest["components"][name] = prev_components[name]
-            log.info("%s: up to date, kept", name)
-    for name in stale_components:
-        shutil.rmtree(out / "onnx" / name, ignore_errors=True)
-    # A reader must not trust the folder while it changes: mark it incomplete first.
-    atomic_write_json(out / EXPORT_MANIFEST, manifest)
-
-    val_bucket = nearest_bucket(int(native * 0.75), int(native * 1.3125), native)  # 768x1344-like
-    total = len(todo)
-    for i, name in enumerate(todo, 1):
-        spec = specs[name]
-        t0 = time.perf_counter()
-        log.info("[%d/%d] %s: exporting to ONNX (opset %d) ...", i, total, name, opset)
-        if progress:
-            progress(name, i, total)
-        module = wrap(model, spec)
-        rel_dir = Path("onnx") / name
-        with atomic_dir(out / rel_dir) as tmp:
-            path = tmp / "model.onnx"
-            onnx_tools.export_onnx(module, spec, path, opset, native)
-            export_s = time.perf_counter() - t0
-            record: dict[str, Any] = {"passed": None, "skipped": True}
-            if validate:
-                shape = (2, val_bucket.height, val_bucket.width)
-                record = onnx_tools.validate(module, spec, path, shape)
-            files = {(rel_dir / p.name).as_posix(): sha256_file(p) for p in onnx_tools.onnx_files(path)}
-        trace = onnx_tools.trace_shape(spec, native)
-        manifest["components"][name] = {
-            "file": (rel_dir / "model.onnx").as_posix(),
-            "files": files,
-            "key": key_for(name),
-            "spec": spec.to_dict(),
-            "traced_shape": {"batch": trace[0], "height": trace[1], "width": trace[2]},
-            "validation": record,
-            "export_seconds": round(export_s, 2),
-            "size_bytes": sum((out / f).stat().st_size for f in files),
-        }
+    # From here on the folder changes: a reader must not trust it until the end. A fresh
+    # folder has no manifest to revoke; it gets one after its first component.
+    if previous is not None:
         atomic_write_json(out / EXPORT_MANIFEST, manifest)
-        errs = record.get("max_abs_error")
-        log.info("[%d/%d] %s: done in %.1fs%s", i, total, name, time.perf_counter() - t0,
-                 f", validated at {record['shape']}: max abs error {max(errs.values()):.2e}" if errs else "")
+    for name in stale:
+        log.info("%s: not part of this export any more, removed", name)
+        shutil.rmtree(out / "onnx" / name, ignore_errors=True)
+    for asset in stale_assets:
+        shutil.rmtree(out / asset, ignore_errors=True)
 
-    if assets_ok:
-        manifest["assets"] = prev_assets
-    else:
-        manifest["assets"] = _write_assets(model, out, torch_weights, assets_key)
+    # One model part in memory at a time: each is loaded for its first use and dropped
+    # after its last (its components, then its torch/<part> weights asset).
+    loaded: dict[str, Any] = {}
+    uses = [COMPONENT_PARTS[n] for n in todo] + [plan.asset_parts[a] for a in assets_todo]
+
+    def use(part: str) -> Any:
+        if part not in loaded:
+            loaded[part] = source.load_part(part)
+        return loaded[part]
+
+    def done_with(part: str) -> None:
+        uses.remove(part)
+        if part not in uses:
+            loaded.pop(part, None)
+
+    val_shape = validation_shape(plan.dims.native_size)
+    for i, name in enumerate(todo, 1):
+        part = COMPONENT_PARTS[name]
+        log.info("[%d/%d] %s: exporting to ONNX (opset %d) ...", i, len(todo), name, plan.opset)
+        if progress:
+            progress(name, i, len(todo))
+        record = _export_component(plan, out, name, use(part), val_shape)
+        manifest["components"][name] = record
+        atomic_write_json(out / EXPORT_MANIFEST, manifest)
+        val = record["validation"]
+        errs = val.get("max_abs_error") or {}
+        log.info("[%d/%d] %s: done in %.1fs (%s)%s", i, len(todo), name,
+                 record["export_seconds"] + val.get("seconds", 0.0), _size(record["size_bytes"]),
+                 f", validated at {_shape_str(val['shape'])}: max abs error {max(errs.values()):.2e}" if errs else "")
+        torch_asset = f"torch/{part}"
+        if torch_asset in assets_todo and part not in (COMPONENT_PARTS[n] for n in todo[i:]):
+            _write_asset(plan, out, manifest, torch_asset, use(part))
+            assets_todo.remove(torch_asset)
+            done_with(part)
+        done_with(part)
+    for asset in list(assets_todo):
+        _write_asset(plan, out, manifest, asset, use(plan.asset_parts[asset]))
+        done_with(plan.asset_parts[asset])
+    loaded.clear()
+
+    manifest["components"] = {n: manifest["components"][n] for n in plan.specs}
+    manifest["assets"] = {a: manifest["assets"][a] for a in plan.asset_parts}
     manifest["complete"] = True
     atomic_write_json(out / EXPORT_MANIFEST, manifest)
-    engines = out / ENGINE_DIR
-    if engines.is_dir() and todo:
-        log.info("engines in %s were built from the previous export: `sdxl-export build` rebuilds them", engines)
-    log.info("export complete: %s (%d components)", out, len(specs))
-    manifest["up_to_date"] = False
-    return manifest
+    if (out / ENGINE_DIR).is_dir() and todo:
+        log.info("engines in %s were built from the previous export: `sdxl-export build` rebuilds them",
+                 out / ENGINE_DIR)
+    log.info("export complete: %s (%d components: %d exported, %d kept)", out, len(plan.specs), len(todo), len(kept))
+    return {**manifest, "up_to_date": False, "exported": todo, "kept": [n for n in plan.specs if n in kept]}
 
 
-def _write_assets(model: SDXLModel, out: Path, torch_weights: bool, key: str) -> dict[str, Any]:
-    """Tokenizers, scheduler configs and (optionally) PyTorch weights, each atomically."""
-    assets: dict[str, Any] = {}
+def validation_shape(native: int) -> tuple[int, int, int]:
+    """(batch, height, width) validated at: unlike the traced shape in all three dims.
 
-    def put(name: str, writer: Callable[[Path], None], **extra: Any) -> None:
-        with atomic_dir(out / name) as tmp:
-            writer(tmp)
-        assets[name] = {"dir": name, "files": _hash_tree(out, Path(name)), "key": key, **extra}
+    Batch 2 (classifier-free guidance) and SDXL's 768x1344 bucket scaled to the model's
+    native size: non-square, and not a multiple of the traced size.
+    """
+    from ..buckets import nearest_bucket
 
-    put("tokenizer", lambda d: model.tokenizer.save_pretrained(str(d)))
-    put("tokenizer_2", lambda d: model.tokenizer_2.save_pretrained(str(d)))
-    put("scheduler", lambda d: _write_json(d / "scheduler_config.json", model.scheduler_config))
-    if model.has_refiner:
-        put("refiner_scheduler", lambda d: _write_json(
-            d / "scheduler_config.json", model.refiner_scheduler_config or model.scheduler_config))
-    if torch_weights:
-        for attr in TORCH_MODULES:
-            mod = getattr(model, attr)
-            if mod is None:
-                continue
-            log.info("saving PyTorch weights of %s (safetensors) for the reference backend", attr)
-            put(f"torch/{attr}", lambda d, m=mod: m.save_pretrained(str(d), safe_serialization=True),
-                class_name=type(mod).__name__)
-    return assets
+    b = nearest_bucket(int(native * 0.75), int(native * 1.3125), native)
+    return 2, b.height, b.width
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+def _export_component(plan: ExportPlan, out: Path, name: str, module: Any, val_shape: tuple[int, int, int]) -> dict:
+    from ..models.wrappers import wrap_module
+    from . import onnx_tools
+
+    spec = plan.specs[name]
+    wrapped = wrap_module(name, module)
+    rel_dir = Path("onnx") / name
+    with atomic_dir(out / rel_dir) as tmp:
+        path = tmp / "model.onnx"
+        t0 = time.perf_counter()
+        onnx_tools.export_onnx(wrapped, spec, path, plan.opset, plan.dims.native_size)
+        export_s = time.perf_counter() - t0
+        record: dict[str, Any] = {"passed": None, "skipped": True}
+        if plan.validate:
+            t0 = time.perf_counter()
+            record = onnx_tools.validate(wrapped, spec, path, val_shape)
+            record["seconds"] = round(time.perf_counter() - t0, 2)
+        files = {(rel_dir / p.name).as_posix(): sha256_file(p) for p in onnx_tools.onnx_files(path)}
+        size = sum(p.stat().st_size for p in onnx_tools.onnx_files(path))
+    trace = onnx_tools.trace_shape(spec, plan.dims.native_size)
+    return {
+        "file": (rel_dir / "model.onnx").as_posix(),
+        "files": files,
+        "key": plan.component_keys[name],
+        "spec": spec.to_dict(),
+        "traced_shape": {"batch": trace[0], "height": trace[1], "width": trace[2]},
+        "validation": record,
+        "export_seconds": round(export_s, 2),
+        "size_bytes": size,
+    }
 
 
-def load_export_manifest(artifacts: str | Path) -> dict[str, Any]:
-    """Read and check an export manifest (used by ``inspect``; the runtime has its own reader)."""
+def _write_asset(plan: ExportPlan, out: Path, manifest: dict[str, Any], asset: str, obj: Any) -> None:
+    """Write one asset folder atomically and record it in the (still incomplete) manifest."""
+    extra: dict[str, Any] = {}
+    if asset.startswith("torch/"):
+        log.info("saving PyTorch weights of %s (safetensors) for the reference backend", asset[6:])
+        extra["class_name"] = type(obj).__name__
+
+        def writer(d: Path) -> None:
+            obj.save_pretrained(str(d), safe_serialization=True)
+    elif asset.endswith("scheduler"):
+        def writer(d: Path) -> None:
+            (d / "scheduler_config.json").write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    else:
+        def writer(d: Path) -> None:
+            obj.save_pretrained(str(d))
+    with atomic_dir(out / asset) as tmp:
+        writer(tmp)
+    manifest["assets"][asset] = {"dir": asset, "files": _hash_tree(out, Path(asset)),
+                                 "key": plan.asset_keys[asset], **extra}
+    atomic_write_json(out / EXPORT_MANIFEST, manifest)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _shape_str(shape: dict[str, int]) -> str:
+    return f"{shape['batch']}x{shape['height']}x{shape['width']}"
+
+
+def load_export_manifest(artifacts: str | Path, *, verify: bool = False) -> dict[str, Any]:
+    """Read and check a finished export manifest (``inspect``; the runtime has its own reader).
+
+    Raises a named :class:`ArtifactError` for a missing folder or manifest, one not
+    ours, corrupt JSON, a malformed manifest or an interrupted export; with ``verify``
+    also checks every listed file's sha256.
+    """
+    from ..artifacts import verify_files
+
     out = Path(artifacts)
+    if not out.is_dir():
+        raise ArtifactError(f"{out} is not a folder", "pass the folder `sdxl-export export --out` wrote")
     m = read_manifest(out / EXPORT_MANIFEST, FORMAT_EXPORT, _fix_cmd(out))
+    comps, assets = m.get("components"), m.get("assets")
+    ok = isinstance(comps, dict) and isinstance(assets, dict) and all(
+        isinstance(c, dict) and {"file", "files", "spec", "validation"} <= set(c) for c in comps.values())
+    if not ok:
+        raise CorruptArtifactError(f"{out / EXPORT_MANIFEST} is malformed (components/assets records)", _fix_cmd(out))
     if not m.get("complete"):
-        raise ArtifactError(f"{out} holds an interrupted export", _fix_cmd(out) + " to finish it")
+        raise ArtifactError(f"{out} holds an interrupted export (manifest complete=false)",
+                            _fix_cmd(out) + " to finish it (finished components are kept)")
+    if verify:
+        for name, rec in {**comps, **assets}.items():
+            verify_files(out, rec.get("files") or {}, name)
     return m
 
 
-__all__ = ["export_model", "load_export_manifest", "library_versions", "prepare_out_dir"]
+__all__ = ["ExportPlan", "check_opset", "export_model", "library_versions", "load_export_manifest",
+           "prepare_out_dir", "validation_shape"]

@@ -3,4 +3,4 @@
 from .loader import SDXLModel, build_preset, load_model
 from .presets import PRESETS, preset_names
 
-__all__ = ["SDXLModel", "build_preset", "load_model", "PRESETS", "preset_names"]
+__all__ = ["PRESETS", "SDXLModel", "build_preset", "load_model", "preset_names"]

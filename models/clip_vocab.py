@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import collections
 import functools
-
-from transformers import CLIPTokenizer
+import itertools
+from typing import Any
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -69,7 +69,7 @@ def build_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     for _ in range(_N_MERGES):
         pairs: collections.Counter[tuple[str, str]] = collections.Counter()
         for w, syms in splits.items():
-            for a, b in zip(syms, syms[1:]):
+            for a, b in itertools.pairwise(syms):
                 pairs[(a, b)] += words[w]
         if not pairs:
             break
@@ -95,8 +95,14 @@ def build_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     return {t: i for i, t in enumerate(tokens)}, tuple(merges)
 
 
-def make_tokenizers(max_length: int = 77) -> tuple[CLIPTokenizer, CLIPTokenizer]:
-    """(tokenizer, tokenizer_2) as SDXL has them: the second pads with ``"!"`` (id 0)."""
+def make_tokenizers(max_length: int = 77) -> tuple[Any, Any]:
+    """(tokenizer, tokenizer_2) as SDXL has them: the second pads with ``"!"`` (id 0).
+
+    transformers is imported here, not at module level: the vocabulary alone (a preset's
+    vocab size, its fingerprint) needs no ML library.
+    """
+    from transformers import CLIPTokenizer
+
     vocab, merges = build_vocab()
     tok1 = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=EOS, model_max_length=max_length)
     tok2 = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token="!", model_max_length=max_length)

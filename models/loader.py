@@ -1,9 +1,18 @@
 """Load an SDXL model (base + optional refiner) from a preset, a diffusers folder or a hub id.
 
-Whatever the source, the result is one :class:`SDXLModel`: the PyTorch components the
-exporter traces, plus the tokenizers and scheduler config the runtime needs. Loading
-never unpickles: weights come from safetensors only, and a folder that only has pickle
-checkpoints (.bin/.pt/.ckpt) is refused with :class:`UnsafeCheckpointError`.
+Two steps, so that work is only done when it is needed:
+
+* :func:`resolve_source` checks a source and fingerprints it *without loading weights*:
+  a preset from its config and seed, a folder from its files. It reads configs only, so
+  the exporter can decide that an artifact folder is up to date in well under a second,
+  and it raises every bad-input error (unknown preset, missing component, pickle-only
+  checkpoint, a base UNet passed as refiner) before anything is written.
+* :meth:`ModelSource.load_part` then builds or loads one part at a time (a text encoder,
+  a UNet, the VAE ...), so an export holds one component in memory, not the whole model.
+  :meth:`ModelSource.load` gives the whole :class:`SDXLModel` (diffusers pipelines, tests).
+
+Loading never unpickles: weights come from safetensors only, and a folder whose weights
+are only pickle checkpoints (.bin/.pt/.ckpt) is refused with :class:`UnsafeCheckpointError`.
 
 The refiner shares text_encoder_2 and the VAE with the base, exactly as diffusers'
 documented base+refiner example does (``text_encoder_2=base.text_encoder_2,
@@ -15,23 +24,47 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .. import errors
 from ..specs import MAX_TOKENS, ModelDims
 from . import presets as _presets
-from .clip_vocab import build_vocab, make_tokenizers
+
+if TYPE_CHECKING:  # torch is imported where weights are built: fingerprinting needs none of it
+    import torch
 
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 BASE_FOLDERS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae", "scheduler")
 REFINER_FOLDERS = ("unet", "scheduler")
+#: Sub-folders that hold weights (and must hold them as safetensors).
+WEIGHT_FOLDERS = ("text_encoder", "text_encoder_2", "unet", "vae")
+
+#: The parts a model is loaded and fingerprinted by. A refiner adds the last two.
+BASE_PARTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "vae", "scheduler")
+REFINER_PARTS = ("refiner_unet", "refiner_scheduler")
+#: part -> the folder it lives in inside a diffusers base (or, for refiner_*, refiner) folder.
+PART_FOLDERS = {p: p for p in BASE_PARTS} | {"refiner_unet": "unet", "refiner_scheduler": "scheduler"}
+#: Seed offsets of the embedded presets' modules (``torch.manual_seed(seed * 1000 + offset)``).
+PRESET_SEED_OFFSETS = {"text_encoder": 1, "text_encoder_2": 2, "unet": 3, "vae": 4, "refiner_unet": 5}
+#: SDXL's micro-conditioning: 6 time ids for the base, 5 (aesthetic score) for the refiner.
+BASE_TIME_IDS, REFINER_TIME_IDS = 6, 5
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "none"
 
 
 @dataclass
@@ -47,7 +80,7 @@ class SDXLModel:
     scheduler_config: dict[str, Any]
     refiner_unet: torch.nn.Module | None = None
     refiner_scheduler_config: dict[str, Any] | None = None
-    #: {"kind": "preset"|"folder"|"hub", "id": ..., "refiner": ..., "fingerprint": sha256}
+    #: {"kind": "preset"|"folder"|"hub", "id", "refiner", "fingerprint", "parts": {part: sha256}}
     source: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -55,28 +88,9 @@ class SDXLModel:
         return self.refiner_unet is not None
 
     def dims(self) -> ModelDims:
-        te1, te2, unet, vae = (
-            self.text_encoder.config, self.text_encoder_2.config, self.unet.config, self.vae.config,
-        )
-        ref = self.refiner_unet.config if self.refiner_unet is not None else None
-        time_dim = unet.addition_time_embed_dim
-        return ModelDims(
-            vocab_size=int(te1.vocab_size),
-            text_hidden=int(te1.hidden_size),
-            text2_hidden=int(te2.hidden_size),
-            pooled_dim=int(te2.projection_dim),
-            unet_context=int(unet.cross_attention_dim),
-            unet_time_ids=(int(unet.projection_class_embeddings_input_dim) - int(te2.projection_dim)) // time_dim,
-            refiner_context=int(ref.cross_attention_dim) if ref is not None else None,
-            refiner_time_ids=(
-                (int(ref.projection_class_embeddings_input_dim) - int(te2.projection_dim))
-                // ref.addition_time_embed_dim
-                if ref is not None
-                else None
-            ),
-            latent_channels=int(vae.latent_channels),
-            vae_scale=2 ** (len(vae.block_out_channels) - 1),
-            sample_size=int(unet.sample_size),
+        return dims_from_configs(
+            self.text_encoder.config.to_dict(), self.text_encoder_2.config.to_dict(), dict(self.unet.config),
+            dict(self.vae.config), dict(self.refiner_unet.config) if self.refiner_unet is not None else None,
         )
 
     # ---- diffusers pipelines over the very same weights (the reference) -------------
@@ -121,73 +135,283 @@ class SDXLModel:
             self.refiner_pipeline().save_pretrained(str(refiner_dir), safe_serialization=True)
 
 
-# ---- presets ----------------------------------------------------------------------------
-def build_preset(name: str = "tiny", with_refiner: bool = True) -> SDXLModel:
-    """Build an embedded preset from its seed; no file is read or downloaded."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+# ---- dims and SDXL checks, from configs alone ------------------------------------------------
+def dims_from_configs(
+    te1: Mapping[str, Any], te2: Mapping[str, Any], unet: Mapping[str, Any], vae: Mapping[str, Any],
+    refiner: Mapping[str, Any] | None = None, where: str = "model", refiner_where: str = "the refiner",
+) -> ModelDims:
+    """The numbers the component specs derive from, checked to be an SDXL base (+ refiner).
 
-    if name not in _presets.PRESETS:
-        raise errors.ModelSourceError(
-            f"unknown preset {name!r}",
-            f"use one of {', '.join(_presets.preset_names())}, a diffusers folder, or a hub id",
+    Raises :class:`ModelSourceError` for configs that are not SDXL's (an SD 1.5 UNet, a
+    base UNet passed as refiner, encoders whose widths do not add up to the context dim).
+    """
+
+    def bad(what: str, role: str = "base") -> errors.ModelSourceError:
+        return errors.ModelSourceError(
+            f"{where if role == 'base' else refiner_where} is not an SDXL {role}: {what}",
+            "pass an SDXL base as --model and an SDXL refiner as --refiner (or --no-refiner)",
         )
-    cfg = _presets.get_preset(name)
-    vocab, _ = build_vocab()
-    vocab_size = 49408 if name == "sdxl" else len(vocab)
-    tok1, tok2 = make_tokenizers(MAX_TOKENS)
 
-    def seeded(offset: int) -> None:
-        torch.manual_seed(cfg.seed * 1000 + offset)
+    hidden1, hidden2 = int(te1["hidden_size"]), int(te2["hidden_size"])
+    pooled = int(te2["projection_dim"])
 
-    log.info("building preset %r (seeded weights, no download)", name)
-    seeded(1)
-    te1 = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, **cfg.text_encoder))
-    seeded(2)
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=vocab_size, **cfg.text_encoder_2))
-    seeded(3)
-    unet = UNet2DConditionModel(**cfg.unet)
-    seeded(4)
-    vae = AutoencoderKL(**cfg.vae)
-    refiner = None
-    if with_refiner:
-        seeded(5)
-        refiner = UNet2DConditionModel(**cfg.refiner_unet)
-    for m in (te1, te2, unet, vae, refiner):
-        if m is not None:
-            m.eval().requires_grad_(False)
-    fingerprint = _sha({"preset": name, "revision": _presets.PRESET_REVISION, "refiner": with_refiner,
-                        "torch": torch.__version__.split("+")[0]})
-    return SDXLModel(
-        tokenizer=tok1, tokenizer_2=tok2, text_encoder=te1, text_encoder_2=te2, unet=unet, vae=vae,
-        scheduler_config=dict(cfg.scheduler), refiner_unet=refiner,
-        refiner_scheduler_config=dict(cfg.scheduler) if with_refiner else None,
-        source={"kind": "preset", "id": name, "refiner": name if with_refiner else None,
-                "fingerprint": fingerprint},
+    def time_ids(cfg: Mapping[str, Any], role: str) -> int:
+        if cfg.get("addition_embed_type") != "text_time":
+            raise bad(f"its UNet has addition_embed_type {cfg.get('addition_embed_type')!r}, "
+                      "not 'text_time'", role)
+        step = int(cfg["addition_time_embed_dim"])
+        extra = int(cfg["projection_class_embeddings_input_dim"]) - pooled
+        if extra <= 0 or extra % step:
+            raise bad(f"its UNet's projection input {cfg['projection_class_embeddings_input_dim']} "
+                      f"is not pooled dim {pooled} + a multiple of {step}", role)
+        return extra // step
+
+    n_base = time_ids(unet, "base")
+    if n_base != BASE_TIME_IDS:
+        raise bad(f"its UNet takes {n_base} time ids, SDXL's base takes {BASE_TIME_IDS}")
+    if int(unet["cross_attention_dim"]) != hidden1 + hidden2:
+        raise bad(f"UNet context dim {unet['cross_attention_dim']} != text encoder widths {hidden1} + {hidden2}")
+    n_ref = None
+    if refiner is not None:
+        n_ref = time_ids(refiner, "refiner")
+        if n_ref != REFINER_TIME_IDS:
+            raise bad(f"its UNet takes {n_ref} time ids; SDXL's refiner takes {REFINER_TIME_IDS} "
+                      "(aesthetic score) -- is it a base model?", "refiner")
+        if int(refiner["cross_attention_dim"]) != hidden2:
+            raise bad(f"its UNet context dim {refiner['cross_attention_dim']} != text_encoder_2 width "
+                      f"{hidden2} of the base", "refiner")
+    latent = int(vae.get("latent_channels", 4))
+    for cfg, role in ((unet, "base"), (refiner, "refiner")):
+        if cfg is not None and int(cfg.get("in_channels", 4)) != latent:
+            raise bad(f"its UNet takes {cfg.get('in_channels')} channels, the VAE has {latent}", role)
+    return ModelDims(
+        vocab_size=int(te1["vocab_size"]),
+        text_hidden=hidden1,
+        text2_hidden=hidden2,
+        pooled_dim=pooled,
+        unet_context=int(unet["cross_attention_dim"]),
+        unet_time_ids=n_base,
+        refiner_context=int(refiner["cross_attention_dim"]) if refiner is not None else None,
+        refiner_time_ids=n_ref,
+        latent_channels=latent,
+        vae_scale=2 ** (len(vae["block_out_channels"]) - 1),
+        sample_size=int(unet["sample_size"]),
     )
 
 
-# ---- folders and hub ids ----------------------------------------------------------------
-def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
+# ---- fingerprints --------------------------------------------------------------------------
 def folder_fingerprint(path: Path) -> str:
-    """Identity of a diffusers folder: its configs' content and its weights' name/size/mtime.
+    """Identity of a diffusers (sub)folder: its configs' content and its weights' name/size/mtime.
 
     Hashing multi-GB weights on every run would cost minutes; size + mtime_ns changes
     whenever a file is rewritten, which is what incremental export needs to notice.
+    Hidden files (``.cache`` of hub downloads, ``.DS_Store``) are not part of a model.
     """
-    items = []
+    items: list[Any] = []
     for p in sorted(path.rglob("*")):
-        if p.is_file():
-            rel = p.relative_to(path).as_posix()
-            if p.suffix in (".json", ".txt"):
-                items.append((rel, hashlib.sha256(p.read_bytes()).hexdigest()))
-            else:
-                st = p.stat()
-                items.append((rel, st.st_size, st.st_mtime_ns))
+        rel = p.relative_to(path)
+        if not p.is_file() or any(s.startswith(".") for s in rel.parts):
+            continue
+        if p.suffix in (".json", ".txt"):
+            items.append((rel.as_posix(), hashlib.sha256(p.read_bytes()).hexdigest()))
+        else:
+            st = p.stat()
+            items.append((rel.as_posix(), st.st_size, st.st_mtime_ns))
     return _sha(items)
+
+
+def preset_part_fingerprint(name: str, part: str) -> str:
+    """Identity of one part of an embedded preset, computed without building it.
+
+    A preset's weights are a function of its config, its seed and the code that
+    initialises them (torch's RNG, diffusers' and transformers' init), so all of those
+    are in the fingerprint; a new version of any of them means a new model.
+    """
+    cfg = _presets.get_preset(name)
+    if part in ("tokenizer", "tokenizer_2"):
+        from .clip_vocab import build_vocab
+
+        section: Any = build_vocab()
+    elif part in ("scheduler", "refiner_scheduler"):
+        section = cfg.scheduler
+    else:
+        section = {**getattr(cfg, part), "vocab_size": _preset_vocab_size(name)}
+    return _sha({
+        "preset": name, "part": part, "revision": _presets.PRESET_REVISION, "seed": cfg.seed,
+        "offset": PRESET_SEED_OFFSETS.get(part), "config": section,
+        "torch": _version("torch").split("+")[0], "diffusers": _version("diffusers"),
+        "transformers": _version("transformers"),
+    })
+
+
+# ---- sources ---------------------------------------------------------------------------------
+@dataclass
+class ModelSource:
+    """A checked, fingerprinted model source whose weights are not loaded yet.
+
+    ``origins`` maps each part to ``("preset", name)``, ``("folder", Path)`` (the
+    diffusers folder holding it) or ``("loaded", SDXLModel)``.
+    """
+
+    kind: str
+    id: str
+    refiner: str | None
+    origins: dict[str, tuple[str, Any]]
+    fingerprints: dict[str, str]
+
+    @property
+    def has_refiner(self) -> bool:
+        return "refiner_unet" in self.origins
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """The manifest's ``source``: what was exported, and its fingerprint (whole and per part)."""
+        return {"kind": self.kind, "id": self.id, "refiner": self.refiner,
+                "fingerprint": _sha(self.fingerprints), "parts": dict(self.fingerprints)}
+
+    def part_config(self, part: str) -> dict[str, Any]:
+        """The config dict of a model part (text encoders, UNets, VAE), read without weights.
+
+        Presets and diffusers folders need no library import for this (diffusers writes
+        every init argument); transformers omits values equal to its defaults, which are
+        filled in from ``CLIPTextConfig`` only when one is missing.
+        """
+        origin, where = self.origins[part]
+        if origin == "loaded":
+            mod = getattr(where, part)
+            return mod.config.to_dict() if hasattr(mod.config, "to_dict") else dict(mod.config)
+        if origin == "preset":
+            cfg = dict(getattr(_presets.get_preset(where), part))
+            if part.startswith("text_encoder"):
+                cfg["vocab_size"] = _preset_vocab_size(where)
+            return cfg
+        sub = where / PART_FOLDERS[part]
+        cfg = _read_config(lambda: json.loads((sub / "config.json").read_text()), sub)
+        if part.startswith("text_encoder") and not {"vocab_size", "hidden_size", "projection_dim"} <= set(cfg):
+            from transformers import CLIPTextConfig
+
+            cfg = {**CLIPTextConfig().to_dict(), **cfg}
+        return cfg
+
+    def dims(self) -> ModelDims:
+        """ModelDims from configs alone (checked to be SDXL): the specs need nothing else."""
+        ref = self.part_config("refiner_unet") if self.has_refiner else None
+        try:
+            return dims_from_configs(
+                self.part_config("text_encoder"), self.part_config("text_encoder_2"),
+                self.part_config("unet"), self.part_config("vae"), ref,
+                where=f"{self.kind} {self.id!r}", refiner_where=f"refiner {self.refiner!r}",
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise errors.ModelSourceError(
+                f"{self.kind} {self.id!r}: a component config lacks or mangles {exc}",
+                "re-save the model with diffusers' save_pretrained",
+            ) from None
+
+    def load_part(self, part: str) -> Any:
+        """Build or load one part: a module (eval, no grad), a tokenizer or a scheduler config."""
+        origin, where = self.origins[part]
+        if origin == "loaded":
+            attr = {"scheduler": "scheduler_config", "refiner_scheduler": "refiner_scheduler_config"}.get(part, part)
+            return getattr(where, attr)
+        if origin == "preset":
+            return _build_preset_part(where, part)
+        return _load_folder_part(where, part)
+
+    def load(self) -> SDXLModel:
+        """Every part, as one :class:`SDXLModel`."""
+        parts = {p: self.load_part(p) for p in self.origins}
+        return SDXLModel(
+            tokenizer=parts["tokenizer"], tokenizer_2=parts["tokenizer_2"],
+            text_encoder=parts["text_encoder"], text_encoder_2=parts["text_encoder_2"],
+            unet=parts["unet"], vae=parts["vae"], scheduler_config=parts["scheduler"],
+            refiner_unet=parts.get("refiner_unet"), refiner_scheduler_config=parts.get("refiner_scheduler"),
+            source=self.identity,
+        )
+
+    @classmethod
+    def from_model(cls, model: SDXLModel) -> ModelSource:
+        """Wrap an already loaded model; its recorded ``source`` gives the fingerprints.
+
+        A model modified after loading keeps its old fingerprint: export a fresh one.
+        """
+        parts = BASE_PARTS + (REFINER_PARTS if model.has_refiner else ())
+        src = dict(model.source)
+        recorded = src.get("parts") or {}
+        whole = src.get("fingerprint") or ""
+        fps = {p: recorded.get(p) or _sha([whole, p]) for p in parts}
+        return cls(kind=str(src.get("kind", "loaded")), id=str(src.get("id", "in-memory model")),
+                   refiner=src.get("refiner") if model.has_refiner else None,
+                   origins={p: ("loaded", model) for p in parts}, fingerprints=fps)
+
+
+def _read_config(read: Any, where: Path) -> dict[str, Any]:
+    try:
+        return dict(read())
+    except (OSError, ValueError) as exc:
+        raise errors.ModelSourceError(
+            f"cannot read the config of {where} ({type(exc).__name__})",
+            "re-save the model with diffusers' save_pretrained",
+        ) from None
+
+
+def _preset_vocab_size(name: str) -> int:
+    from .clip_vocab import build_vocab
+
+    return 49408 if name == "sdxl" else len(build_vocab()[0])
+
+
+def _build_preset_part(name: str, part: str) -> Any:
+    """One part of an embedded preset, seeded exactly as the whole-model build seeds it."""
+    cfg = _presets.get_preset(name)
+    if part in ("tokenizer", "tokenizer_2"):
+        from .clip_vocab import make_tokenizers
+
+        return make_tokenizers(MAX_TOKENS)[0 if part == "tokenizer" else 1]
+    if part in ("scheduler", "refiner_scheduler"):
+        return dict(cfg.scheduler)
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    log.info("building %s of preset %r (seeded weights, no download)", part, name)
+    torch.manual_seed(cfg.seed * 1000 + PRESET_SEED_OFFSETS[part])
+    if part == "text_encoder":
+        mod: torch.nn.Module = CLIPTextModel(CLIPTextConfig(vocab_size=_preset_vocab_size(name), **cfg.text_encoder))
+    elif part == "text_encoder_2":
+        mod = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=_preset_vocab_size(name), **cfg.text_encoder_2))
+    elif part == "vae":
+        mod = AutoencoderKL(**cfg.vae)
+    else:
+        mod = UNet2DConditionModel(**getattr(cfg, part))
+    return mod.eval().requires_grad_(False)
+
+
+def _load_folder_part(folder: Path, part: str) -> Any:
+    """One part of a diffusers folder (safetensors only); load failures are named errors."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    sub = folder / PART_FOLDERS[part]
+    if part in ("scheduler", "refiner_scheduler"):
+        return _read_config(lambda: json.loads((sub / "scheduler_config.json").read_text()), sub)
+    loaders: dict[str, Any] = {
+        "tokenizer": CLIPTokenizer, "tokenizer_2": CLIPTokenizer, "text_encoder": CLIPTextModel,
+        "text_encoder_2": CLIPTextModelWithProjection, "unet": UNet2DConditionModel,
+        "refiner_unet": UNet2DConditionModel, "vae": AutoencoderKL,
+    }
+    cls = loaders[part]
+    log.info("loading %s from %s", part, sub)
+    try:
+        if part.startswith("tokenizer"):
+            return cls.from_pretrained(str(sub))
+        return cls.from_pretrained(str(sub), use_safetensors=True).eval().requires_grad_(False)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise errors.ModelSourceError(
+            f"cannot load {part} from {sub}: {first}",
+            "re-save the model with diffusers' save_pretrained(..., safe_serialization=True)",
+        ) from None
 
 
 def _check_folder(path: Path, needed: tuple[str, ...], role: str) -> None:
@@ -204,39 +428,23 @@ def _check_folder(path: Path, needed: tuple[str, ...], role: str) -> None:
         )
     for c in needed:
         sub = path / c
+        if c in WEIGHT_FOLDERS and not (sub / "config.json").is_file():
+            raise errors.MissingComponentError(
+                f"{role} folder {path}: {c}/config.json is missing",
+                "re-save the model with diffusers' save_pretrained so every component is present",
+            )
         weights = [p for p in sub.iterdir() if p.suffix in PICKLE_SUFFIXES + (".safetensors",)]
         if weights and not any(p.suffix == ".safetensors" for p in weights):
             raise errors.UnsafeCheckpointError(
-                f"{sub} has only pickle weights ({', '.join(p.name for p in weights)})",
+                f"{sub} has only pickle weights ({', '.join(sorted(p.name for p in weights))})",
                 "convert it to safetensors (save_pretrained(..., safe_serialization=True)); "
                 "sdxl-export never unpickles checkpoints",
             )
-
-
-def _load_base_folder(path: Path) -> SDXLModel:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    _check_folder(path, BASE_FOLDERS, "base model")
-    log.info("loading base model from %s (safetensors)", path)
-    kw: dict[str, Any] = {"use_safetensors": True}
-    return SDXLModel(
-        tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer"),
-        tokenizer_2=CLIPTokenizer.from_pretrained(path / "tokenizer_2"),
-        text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", **kw).eval(),
-        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", **kw).eval(),
-        unet=UNet2DConditionModel.from_pretrained(path / "unet", **kw).eval(),
-        vae=AutoencoderKL.from_pretrained(path / "vae", **kw).eval(),
-        scheduler_config=_scheduler_config(path),
-        source={"kind": "folder", "id": str(path.resolve()), "fingerprint": folder_fingerprint(path)},
-    )
-
-
-def _scheduler_config(path: Path) -> dict[str, Any]:
-    cfg_path = path / "scheduler" / "scheduler_config.json"
-    if not cfg_path.is_file():
-        raise errors.MissingComponentError(f"{cfg_path} is missing", "re-save the model with save_pretrained")
-    return json.loads(cfg_path.read_text())
+        if c in WEIGHT_FOLDERS and not weights:
+            raise errors.MissingComponentError(
+                f"{role} folder {path}: {c}/ has no weights (*.safetensors)",
+                "re-save the model with diffusers' save_pretrained(..., safe_serialization=True)",
+            )
 
 
 def _resolve(src: str, role: str) -> tuple[str, Path | None]:
@@ -246,10 +454,10 @@ def _resolve(src: str, role: str) -> tuple[str, Path | None]:
     p = Path(src).expanduser()
     if p.exists():
         if not p.is_dir():
-            raise errors.ModelSourceError(f"{p} is a file, not a diffusers folder",
+            raise errors.ModelSourceError(f"{role} {p} is a file, not a diffusers folder",
                                           "pass the folder that save_pretrained wrote")
         return "folder", p
-    if src.count("/") == 1 and not src.startswith((".", "/", "~")):
+    if src.count("/") == 1 and not src.startswith((".", "/", "~")) and all(src.split("/")):
         return "hub", _download(src, role)
     raise errors.ModelSourceError(
         f"{role} {src!r} is neither a preset, an existing folder, nor a hub id",
@@ -266,53 +474,68 @@ def _download(repo_id: str, role: str) -> Path:
             repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors"],
             ignore_patterns=["*.fp16.safetensors", "*.ckpt", "*.bin"],
         ))
-    except Exception as exc:  # network, auth, missing repo: all say the same to the user
+    except Exception as exc:  # noqa: BLE001 -- network, auth, missing repo: all say the same to the user
         raise errors.ModelSourceError(
             f"cannot fetch {role} {repo_id!r} from the hub ({type(exc).__name__})",
             "check the id and network, or download it and pass the local folder",
         ) from None
 
 
-def load_model(model: str = "tiny", refiner: str | None = "same", with_refiner: bool = True) -> SDXLModel:
-    """Load base (+ refiner) from a preset name, a diffusers folder, or a hub id.
+def resolve_source(model: str = "tiny", refiner: str | None = "same", with_refiner: bool = True) -> ModelSource:
+    """Check and fingerprint a base (+ refiner) source without loading any weights.
 
     ``refiner="same"`` means: the preset's own refiner for a preset, no refiner for a
     folder or hub id unless one is named (SDXL's refiner is a separate checkpoint).
     """
     kind, path = _resolve(model, "model")
+    origins: dict[str, tuple[str, Any]] = {}
+    fps: dict[str, str] = {}
     if kind == "preset":
-        want = with_refiner and refiner in ("same", None, model)
-        m = build_preset(model, with_refiner=want)
-        if with_refiner and refiner not in ("same", None, model):
-            _attach_refiner(m, refiner)
-        return m
-    assert path is not None
-    m = _load_base_folder(path)
-    m.source["kind"] = kind
-    if kind == "hub":
-        m.source["id"] = model
-    if with_refiner and refiner not in (None, "same"):
-        _attach_refiner(m, refiner)
-    return m
-
-
-def _attach_refiner(m: SDXLModel, refiner: str) -> None:
-    from diffusers import UNet2DConditionModel
-
-    kind, path = _resolve(refiner, "refiner")
-    if kind == "preset":
-        r = build_preset(refiner, with_refiner=True)
-        m.refiner_unet, m.refiner_scheduler_config = r.refiner_unet, r.refiner_scheduler_config
-        fp = r.source["fingerprint"]
+        for part in BASE_PARTS:
+            origins[part], fps[part] = ("preset", model), preset_part_fingerprint(model, part)
+        ident = model
     else:
         assert path is not None
-        _check_folder(path, REFINER_FOLDERS, "refiner")
-        log.info("loading refiner UNet from %s (safetensors)", path)
-        m.refiner_unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True).eval()
-        m.refiner_scheduler_config = _scheduler_config(path)
-        fp = folder_fingerprint(path)
-    m.refiner_unet.requires_grad_(False)
-    m.source["refiner"] = refiner if kind != "folder" else str(Path(refiner).resolve())
-    m.source["fingerprint"] = _sha([m.source["fingerprint"], fp])
+        _check_folder(path, BASE_FOLDERS, "base model")
+        for part in BASE_PARTS:
+            origins[part], fps[part] = ("folder", path), folder_fingerprint(path / PART_FOLDERS[part])
+        ident = model if kind == "hub" else str(path.resolve())
+    refiner_id: str | None = None
+    rsrc = None if not with_refiner or refiner is None else model if refiner == "same" else str(refiner)
+    if refiner == "same" and kind != "preset":
+        log.info("no refiner named for %s: the base only (pass --refiner SRC for one)", model)
+        rsrc = None
+    if rsrc is not None:
+        rkind, rpath = _resolve(rsrc, "refiner")
+        for part in REFINER_PARTS:
+            if rkind == "preset":
+                origins[part], fps[part] = ("preset", rsrc), preset_part_fingerprint(rsrc, part)
+            else:
+                assert rpath is not None
+                _check_folder(rpath, REFINER_FOLDERS, "refiner")
+                origins[part], fps[part] = ("folder", rpath), folder_fingerprint(rpath / PART_FOLDERS[part])
+        refiner_id = rsrc if rkind != "folder" else str(Path(rsrc).expanduser().resolve())
+    source = ModelSource(kind=kind, id=ident, refiner=refiner_id, origins=origins, fingerprints=fps)
+    source.dims()  # configs must describe an SDXL base (+ refiner): fail now, not mid-export
+    return source
 
 
+def load_model(model: str = "tiny", refiner: str | None = "same", with_refiner: bool = True) -> SDXLModel:
+    """Load base (+ refiner) from a preset name, a diffusers folder, or a hub id."""
+    return resolve_source(model, refiner, with_refiner).load()
+
+
+def build_preset(name: str = "tiny", with_refiner: bool = True) -> SDXLModel:
+    """Build an embedded preset from its seed; no file is read or downloaded."""
+    if name not in _presets.PRESETS:
+        raise errors.ModelSourceError(
+            f"unknown preset {name!r}",
+            f"use one of {', '.join(_presets.preset_names())}, a diffusers folder, or a hub id",
+        )
+    return resolve_source(name, "same", with_refiner).load()
+
+
+__all__ = [
+    "ModelSource", "SDXLModel", "build_preset", "dims_from_configs", "folder_fingerprint", "load_model",
+    "preset_part_fingerprint", "resolve_source",
+]

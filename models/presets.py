@@ -58,83 +58,83 @@ class PresetConfig:
 
 def _text(hidden: int, layers: int, heads: int, inter: int, proj: int, act: str) -> dict[str, Any]:
     # vocab_size is filled in from the tokenizer for the embedded presets.
-    return dict(
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        projection_dim=proj,
-        max_position_embeddings=77,
-        hidden_act=act,
-        layer_norm_eps=1e-5,
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "projection_dim": proj,
+        "max_position_embeddings": 77,
+        "hidden_act": act,
+        "layer_norm_eps": 1e-5,
         # eos_token_id=2 selects CLIP's legacy pooling at argmax(input_ids): our vocab,
         # like CLIP's, puts <|endoftext|> at the highest id.
-        bos_token_id=0,
-        eos_token_id=2,
-        pad_token_id=1,
-    )
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+    }
 
 
 def _base_unet(
     channels: tuple[int, ...], depth: tuple[int, ...], heads: tuple[int, ...], context: int,
     pooled: int, time_dim: int, sample_size: int, groups: int = 32,
 ) -> dict[str, Any]:
-    return dict(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=channels,
-        layers_per_block=2,
-        transformer_layers_per_block=depth,
-        attention_head_dim=heads,
-        cross_attention_dim=context,
-        norm_num_groups=groups,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=6 * time_dim + pooled,
-    )
+    return {
+        "sample_size": sample_size,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "block_out_channels": channels,
+        "layers_per_block": 2,
+        "transformer_layers_per_block": depth,
+        "attention_head_dim": heads,
+        "cross_attention_dim": context,
+        "norm_num_groups": groups,
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": time_dim,
+        "projection_class_embeddings_input_dim": 6 * time_dim + pooled,
+    }
 
 
 def _refiner_unet(
     channels: tuple[int, ...], depth: int, heads: tuple[int, ...], context: int, pooled: int,
     time_dim: int, sample_size: int, groups: int = 32,
 ) -> dict[str, Any]:
-    return dict(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=channels,
-        layers_per_block=2,
-        transformer_layers_per_block=depth,
-        attention_head_dim=heads,
-        cross_attention_dim=context,
-        norm_num_groups=groups,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=5 * time_dim + pooled,
-    )
+    return {
+        "sample_size": sample_size,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "block_out_channels": channels,
+        "layers_per_block": 2,
+        "transformer_layers_per_block": depth,
+        "attention_head_dim": heads,
+        "cross_attention_dim": context,
+        "norm_num_groups": groups,
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": time_dim,
+        "projection_class_embeddings_input_dim": 5 * time_dim + pooled,
+    }
 
 
 def _vae(channels: tuple[int, ...], layers: int, groups: int, sample_size: int) -> dict[str, Any]:
-    return dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=channels,
-        layers_per_block=layers,
-        latent_channels=4,
-        norm_num_groups=groups,
-        sample_size=sample_size,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "block_out_channels": channels,
+        "layers_per_block": layers,
+        "latent_channels": 4,
+        "norm_num_groups": groups,
+        "sample_size": sample_size,
+        "scaling_factor": 0.13025,
+        "force_upcast": True,
+    }
 
 
 PRESETS: dict[str, PresetConfig] = {
@@ -151,9 +151,14 @@ PRESETS: dict[str, PresetConfig] = {
         name="small",
         text_encoder=_text(hidden=256, layers=4, heads=4, inter=1024, proj=256, act="quick_gelu"),
         text_encoder_2=_text(hidden=384, layers=6, heads=6, inter=1536, proj=320, act="gelu"),
-        unet=_base_unet((64, 128, 256), (1, 2, 4), (2, 4, 8), 256 + 384, 320, 64, sample_size=64),
-        refiner_unet=_refiner_unet((64, 128, 256, 256), 2, (2, 4, 8, 8), 384, 320, 64, sample_size=64),
-        vae=_vae((32, 64, 128, 128), 1, 32, sample_size=512),
+        # SDXL at 1/10 width (32 = 320/10), same transformer depth pattern as the tiny
+        # preset; native 512 px (64x64 latents). Sized so one 512x512 base+refiner image,
+        # 20 steps, is ~420 GFLOP: a few seconds on a 2-core CPU (see benchmarks/).
+        unet=_base_unet((32, 64, 128), (1, 2, 4), (1, 2, 4), 256 + 384, 320, 64, sample_size=64, groups=8),
+        refiner_unet=_refiner_unet(
+            (32, 64, 128, 128), 2, (1, 2, 4, 4), 384, 320, 64, sample_size=64, groups=8
+        ),
+        vae=_vae((16, 32, 64, 64), 1, 8, sample_size=512),
     ),
     "sdxl": PresetConfig(
         name="sdxl",

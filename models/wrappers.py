@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .loader import SDXLModel
+from ..errors import MissingComponentError
 from ..specs import ComponentSpec
+from .loader import SDXLModel
 
 
 class TextEncoderWrapper(torch.nn.Module):
@@ -73,22 +74,34 @@ class VAEEncoderWrapper(torch.nn.Module):
         return (h,)
 
 
+#: component -> (wrapper class, extra keyword arguments)
+WRAPPERS: dict[str, tuple[type[torch.nn.Module], dict]] = {
+    "text_encoder": (TextEncoderWrapper, {"pooled": False}),
+    "text_encoder_2": (TextEncoderWrapper, {"pooled": True}),
+    "unet": (UNetWrapper, {}),
+    "refiner_unet": (UNetWrapper, {}),
+    "vae_decoder": (VAEDecoderWrapper, {}),
+    "vae_encoder": (VAEEncoderWrapper, {}),
+}
+
+#: component -> the SDXLModel attribute (model part) it wraps.
+COMPONENT_MODULES = {
+    "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
+    "refiner_unet": "refiner_unet", "vae_decoder": "vae", "vae_encoder": "vae",
+}
+
+
+def wrap_module(name: str, module: torch.nn.Module) -> torch.nn.Module:
+    """The torch module that computes component ``name`` from one model part (``module``)."""
+    if name not in WRAPPERS:
+        raise KeyError(name)
+    cls, kwargs = WRAPPERS[name]
+    return cls(module, **kwargs).eval()
+
+
 def wrap(model: SDXLModel, spec: ComponentSpec) -> torch.nn.Module:
     """The torch module that computes ``spec`` from ``model``'s weights."""
-    name = spec.name
-    if name == "text_encoder":
-        mod: torch.nn.Module = TextEncoderWrapper(model.text_encoder, pooled=False)
-    elif name == "text_encoder_2":
-        mod = TextEncoderWrapper(model.text_encoder_2, pooled=True)
-    elif name == "unet":
-        mod = UNetWrapper(model.unet)
-    elif name == "refiner_unet":
-        assert model.refiner_unet is not None
-        mod = UNetWrapper(model.refiner_unet)
-    elif name == "vae_decoder":
-        mod = VAEDecoderWrapper(model.vae)
-    elif name == "vae_encoder":
-        mod = VAEEncoderWrapper(model.vae)
-    else:
-        raise KeyError(name)
-    return mod.eval()
+    module = getattr(model, COMPONENT_MODULES[spec.name])
+    if module is None:
+        raise MissingComponentError(f"this model has no {spec.name}", "load one with --refiner SRC")
+    return wrap_module(spec.name, module)
