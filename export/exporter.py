@@ -50,6 +50,7 @@ from ..errors import ArtifactError, CorruptArtifactError, OpsetError, OutputDirE
 from ..models.loader import ModelSource, SDXLModel, resolve_source
 from ..specs import ComponentSpec, component_specs
 from .onnx_tools import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+from .report import human_size
 
 log = logging.getLogger(__name__)
 
@@ -328,16 +329,18 @@ def _export(plan: ExportPlan, out: Path, previous: dict[str, Any] | None, progre
     val_shape = validation_shape(plan.dims.native_size)
     for i, name in enumerate(todo, 1):
         part = COMPONENT_PARTS[name]
+        module = use(part)
         log.info("[%d/%d] %s: exporting to ONNX (opset %d) ...", i, len(todo), name, plan.opset)
         if progress:
             progress(name, i, len(todo))
-        record = _export_component(plan, out, name, use(part), val_shape)
+        record = _export_component(plan, out, name, module, val_shape)
+        del module
         manifest["components"][name] = record
         atomic_write_json(out / EXPORT_MANIFEST, manifest)
         val = record["validation"]
         errs = val.get("max_abs_error") or {}
         log.info("[%d/%d] %s: done in %.1fs (%s)%s", i, len(todo), name,
-                 record["export_seconds"] + val.get("seconds", 0.0), _size(record["size_bytes"]),
+                 record["export_seconds"] + val.get("seconds", 0.0), human_size(record["size_bytes"]),
                  f", validated at {_shape_str(val['shape'])}: max abs error {max(errs.values()):.2e}" if errs else "")
         torch_asset = f"torch/{part}"
         if torch_asset in assets_todo and part not in (COMPONENT_PARTS[n] for n in todo[i:]):
@@ -420,19 +423,28 @@ def _write_asset(plan: ExportPlan, out: Path, manifest: dict[str, Any], asset: s
     else:
         def writer(d: Path) -> None:
             obj.save_pretrained(str(d))
-    with atomic_dir(out / asset) as tmp:
+    with atomic_dir(out / asset) as tmp, _no_progress_bars():
         writer(tmp)
     manifest["assets"][asset] = {"dir": asset, "files": _hash_tree(out, Path(asset)),
                                  "key": plan.asset_keys[asset], **extra}
     atomic_write_json(out / EXPORT_MANIFEST, manifest)
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers draws a progress bar per saved shard on stderr: not ours to print."""
+    try:
+        from transformers.utils import logging as tf_logging
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    was = tf_logging.is_progress_bar_enabled()
+    tf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            tf_logging.enable_progress_bar()
 
 
 def _shape_str(shape: dict[str, int]) -> str:
