@@ -1,0 +1,33 @@
+"""The runtime: base+refiner sampling over an artifact folder, behind one backend seam.
+
+    from sdxl_export.runtime import SDXLPipeline
+    pipe = SDXLPipeline.from_artifacts("sdxl-artifacts", backend="auto")
+    out = pipe("a lighthouse at dawn", seed=0)
+    out.images[0].save("out.png"); print(out.timings.summary_lines())
+
+Names are imported lazily, so ``import sdxl_export.runtime.backend`` (what every backend
+does) does not pull in diffusers and the pipeline.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "SDXLPipeline": "pipeline",
+    "SDXLPipelineOutput": "pipeline",
+    "StageTimings": "timing",
+    "scheduler_names": "schedulers",
+    "read_artifacts": "artifact_reader",
+    "ComponentRunner": "backend",
+    "resolve_backend": "backends",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

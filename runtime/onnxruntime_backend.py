@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import BackendUnavailableError, CorruptArtifactError, MissingComponentError
+from ..errors import BackendUnavailableError, CorruptArtifactError, InvalidRequestError, MissingComponentError
 from ..specs import ComponentSpec
 from .backend import ComponentRunner
 from .backends import ComponentContext
@@ -59,6 +59,12 @@ DEFAULT_SESSION_OPTIONS: dict[str, Any] = {
     # workers of an idle pool would steal those cores (measured: ~2x slower on 2 cores).
     "session.intra_op.allow_spinning": "0",
 }
+
+KNOWN_OPTIONS = frozenset({"session_options"})
+
+#: Keys the engine builder records with a twin that describe it rather than configure
+#: ``SessionOptions`` (kept in the description, not applied).
+METADATA_KEYS = frozenset({"providers", "optimized_offline_at"})
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32, "int64": torch.int64}
 
@@ -103,7 +109,9 @@ def build_session_options(options: Mapping[str, Any]) -> tuple[Any, dict[str, An
     for key, value in options.items():
         if key == "intra_op_num_threads" and not value:
             value = physical_cores()
-        if "." in key:
+        if key in METADATA_KEYS:
+            pass
+        elif "." in key:
             so.add_session_config_entry(key, str(value))
         elif key == "graph_optimization_level":
             so.graph_optimization_level = _enum(ort.GraphOptimizationLevel, value)
@@ -112,8 +120,8 @@ def build_session_options(options: Mapping[str, Any]) -> tuple[Any, dict[str, An
         elif hasattr(so, key):
             setattr(so, key, value)
         else:
-            raise BackendUnavailableError(f"unknown ONNX Runtime session option {key!r}",
-                                          "use SessionOptions attribute names or 'session.*' config keys")
+            raise InvalidRequestError(f"unknown ONNX Runtime session option {key!r}",
+                                      "use SessionOptions attribute names or 'session.*' config keys")
         resolved[key] = value
     return so, resolved
 
@@ -280,7 +288,15 @@ def _numpy_view(x: torch.Tensor) -> np.ndarray:
 
 
 def create(ctx: ComponentContext) -> OrtRunner:
-    """Open ``ctx.name`` from its ORT twin engine when one was built, else from the export."""
+    """Open ``ctx.name`` from its ORT twin engine when one was built, else from the export.
+
+    Options (``ctx.options``): ``session_options``, a dict applied over the defaults and
+    over the twin's recorded options (see :func:`build_session_options`).
+    """
+    unknown = set(ctx.options) - KNOWN_OPTIONS
+    if unknown:
+        raise InvalidRequestError(f"unknown onnxruntime backend option(s) {sorted(unknown)}",
+                                  f"use only {sorted(KNOWN_OPTIONS)}")
     user = dict(ctx.options.get("session_options") or {})
     entry = ctx.engine_entry
     if entry is not None and getattr(entry, "backend", None) == NAME:

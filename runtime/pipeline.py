@@ -22,9 +22,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from ..artifacts import DEFAULT_ARTIFACTS
 from ..buckets import nearest_bucket
@@ -36,6 +37,9 @@ from .prompts import EncodedPrompts, PromptEncoder
 from .request import SampleRequest, check_request, repeat_per_image
 from .schedulers import SchedulerFactory, base_timesteps, refiner_timesteps, step_kwargs
 from .timing import StageTimings
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +105,22 @@ class SDXLPipeline:
                                     if self.has_refiner else None)
         self._image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale)
         self._check_conditioning_dims()
+        # Pay the one-off costs (diffusers' lazy scheduler imports, from_config) at load,
+        # not inside the first call's timings.
+        for factory in (self._schedulers, self._refiner_schedulers):
+            if factory is not None:
+                factory("euler")
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_artifacts(cls, artifacts: str | Path = DEFAULT_ARTIFACTS, backend: str = "auto", *,
-                       device: str = "auto", load_refiner: bool = True, session_options: dict[str, Any] | None = None,
-                       verify_hashes: bool = False) -> SDXLPipeline:
-        """Open every component of an export with ``backend`` (``auto`` picks and logs it)."""
+                       device: str = "auto", load_refiner: bool = True,
+                       backend_options: dict[str, Any] | None = None, verify_hashes: bool = False) -> SDXLPipeline:
+        """Open every component of an export with ``backend`` (``auto`` picks and logs it).
+
+        ``backend_options`` go to every runner as ``ComponentContext.options`` (ONNX
+        Runtime: ``{"session_options": {...}}``; torch: ``{"dtype": "float16", ...}``).
+        """
         arts = read_artifacts(artifacts, with_refiner=load_refiner)
         names = list(REQUIRED_COMPONENTS) + (["refiner_unet"] if load_refiner and arts.has_refiner else [])
         if verify_hashes:
@@ -124,7 +137,7 @@ class SDXLPipeline:
                     entry = store.verify(name)  # named error before any deserialisation
                 ctx = ComponentContext(artifacts=arts.root, name=name, spec=arts.specs[name],
                                        export_entry=arts.component(name), engine_entry=entry, device=dev,
-                                       options={"session_options": dict(session_options or {})})
+                                       options=dict(backend_options or {}))
                 runners[name] = create_runner(chosen, ctx).open()
             encoder = PromptEncoder(arts.tokenizer("tokenizer"), arts.tokenizer("tokenizer_2"),
                                     runners["text_encoder"], runners["text_encoder_2"])
@@ -266,8 +279,6 @@ class SDXLPipeline:
         return embeds.to(self.device).contiguous(), pooled.to(self.device).contiguous()
 
     def _base(self, req: SampleRequest, enc: EncodedPrompts, timings: StageTimings) -> tuple[torch.Tensor, int]:
-        from diffusers.utils.torch_utils import randn_tensor
-
         sched = self._schedulers(req.scheduler)
         timesteps = base_timesteps(sched, req.steps, self.device, req.denoising_end if req.refiner else None)
         shape = (req.batch, self.latent_channels, req.height // self.vae_scale, req.width // self.vae_scale)

@@ -92,7 +92,7 @@ def check_size(height: Any, width: Any, vae_scale: int, native: int) -> tuple[in
         b = nearest_bucket(height, width, native)
         raise InvalidRequestError(
             f"height and width must be multiples of {vae_scale}, got {height}x{width}",
-            f"use the nearest SDXL bucket {b} (pipe.nearest_size) or round to a multiple of {vae_scale}",
+            f"use the nearest SDXL bucket {b} (run --bucket, pipe.nearest_size) or round to a multiple of {vae_scale}",
         )
     return int(height), int(width)
 

@@ -1,0 +1,94 @@
+"""``sdxl-export run "PROMPT"``: generate image(s) from an artifact folder and print timings.
+
+Output is printed here only; the library logs. Every failure the user can fix is an
+:class:`~sdxl_export.errors.SDXLExportError`, which ``cli.main`` prints as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..artifacts import DEFAULT_ARTIFACTS
+from ..errors import OutputDirError
+from .backends import BACKENDS
+from .schedulers import scheduler_names
+
+log = logging.getLogger(__name__)
+
+
+def output_paths(out: Path, n: int) -> list[Path]:
+    """``FILE.png`` for the first image, ``FILE-1.png``, ``FILE-2.png``... for the others."""
+    return [out if i == 0 else out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(n)]
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "run", help="generate images with base+refiner on the exported/built components",
+        description="Text-to-image with SDXL base (+ refiner) on an artifact folder, exact to diffusers' "
+        "pipelines for the same seed. Prints per-stage timings.",
+    )
+    p.add_argument("prompt", help="the prompt (empty string allowed)")
+    p.add_argument("--artifacts", type=Path, default=DEFAULT_ARTIFACTS, metavar="DIR",
+                   help=f"artifact folder written by export/build (default {DEFAULT_ARTIFACTS})")
+    p.add_argument("--negative", default=None, metavar="TEXT",
+                   help="negative prompt (default: none, i.e. SDXL's zero negative conditioning)")
+    p.add_argument("--height", type=int, default=None, help="pixels, multiple of 8 (default: the model's native)")
+    p.add_argument("--width", type=int, default=None, help="pixels, multiple of 8 (default: the model's native)")
+    p.add_argument("--bucket", action="store_true", help="snap height/width to the nearest SDXL aspect bucket")
+    p.add_argument("--steps", type=int, default=30, help="inference steps (default 30)")
+    p.add_argument("--guidance", type=float, default=5.0, help="guidance scale (default 5.0; <= 1 turns it off)")
+    p.add_argument("--seed", type=int, default=None, help="seed (default: random, printed)")
+    p.add_argument("--scheduler", default="euler", choices=scheduler_names(), help="sampler (default euler)")
+    p.add_argument("--denoising-end", type=float, default=0.8, metavar="F",
+                   help="fraction of denoising done by the base before the refiner (default 0.8)")
+    p.add_argument("--no-refiner", action="store_true", help="base only")
+    p.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt (default 1)")
+    p.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),
+                   help="auto: TensorRT engines where built and usable, else ONNX Runtime")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--out", type=Path, default=Path("sdxl.png"), metavar="FILE.png",
+                   help="output image (several: FILE.png, FILE-1.png, ...; default sdxl.png)")
+    p.add_argument("--json", action="store_true", help="print the timings as JSON instead of a table")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import SDXLPipeline
+
+    with SDXLPipeline.from_artifacts(args.artifacts, backend=args.backend, device=args.device,
+                                     load_refiner=not args.no_refiner) as pipe:
+        height, width = args.height, args.width
+        if args.bucket:
+            height, width = pipe.nearest_size(height or pipe.native_size, width or pipe.native_size)
+            log.info("nearest bucket: %dx%d", height, width)
+        refiner = not args.no_refiner
+        if refiner and not pipe.has_refiner:
+            log.warning("%s has no refiner: running the base only", args.artifacts)
+            refiner = False
+        result = pipe(args.prompt, args.negative, height=height, width=width, num_inference_steps=args.steps,
+                      guidance_scale=args.guidance, denoising_end=args.denoising_end, refiner=refiner,
+                      seed=args.seed, num_images_per_prompt=args.num_images, scheduler=args.scheduler)
+    paths = output_paths(args.out, len(result.images))
+    for image, path in zip(result.images, paths):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+        except OSError as exc:
+            raise OutputDirError(f"cannot write {path} ({exc.strerror or exc})",
+                                 "pass a writable --out FILE.png") from None
+    info = result.info
+    if args.json:
+        print(json.dumps({"images": [str(p) for p in paths], "seed": result.seed, **info,
+                          "timings": result.timings.to_dict()}, indent=2))
+        return 0
+    for path in paths:
+        print(f"wrote {path}")
+    print(f"seed {result.seed}, {info['height']}x{info['width']}, {info['scheduler']}, "
+          f"{info['base_steps']} base + {info['refiner_steps']} refiner steps, {info['backend']} on {info['device']}")
+    for line in result.timings.summary_lines():
+        print(line)
+    return 0
