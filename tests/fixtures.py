@@ -51,3 +51,34 @@ def ort_twin_artifacts(tmp_path_factory: Any, tiny_artifacts: Path, buckets: str
         build(BuildOptions(out=out, backend="onnxruntime", buckets=buckets, batch_sizes=(1,)))
         _CACHE[key] = out
     return _CACHE[key]
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """Run ``sdxl-export ARGV`` in-process; return (exit code, stdout, stderr).
+
+    ``cli.main`` installs its own log handler on the ``sdxl_export`` logger; the logger
+    is put back as it was afterwards, so later tests' log capture is not affected.
+    """
+    import contextlib
+    import io
+    import logging
+
+    from sdxl_export.cli import main
+
+    logger = logging.getLogger("sdxl_export")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(list(argv))
+    finally:
+        logger.handlers[:] = saved[0]
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]
+    return rc, out.getvalue(), err.getvalue()
+
+
+def file_states(root: Path) -> dict[str, tuple[int, int]]:
+    """relpath -> (size, mtime_ns) of every file below ``root``: proof that nothing was rewritten."""
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
