@@ -207,7 +207,7 @@ class ExportPlan:
         base = {"revision": EXPORTER_REVISION, "versions": {k: self.versions.get(k) for k in KEY_LIBRARIES}}
         self.component_keys = {
             name: sha256_json({**base, "component": name, "part": fps[COMPONENT_PARTS[name]], "opset": opset,
-                               "validate": validate, "spec": spec.to_dict()})
+                               "spec": spec.to_dict()})
             for name, spec in self.specs.items()
         }
         #: asset folder -> the part it is written from
@@ -266,12 +266,17 @@ def export_model(
 
 
 def _export(plan: ExportPlan, out: Path, previous: dict[str, Any] | None, progress: Progress | None) -> dict[str, Any]:
+    from ..models.wrappers import wrap_module
+    from . import onnx_tools
+
     n_stale = _clean_own_tmp(out)
     if n_stale:
         log.info("removed %d leftover temporary file(s) of an interrupted export", n_stale)
     source = plan.source
     kept, kept_assets = plan.kept(out, previous or {})
     todo = [n for n in plan.specs if n not in kept]
+    # A graph exported earlier without validation is validated now, not exported again.
+    unvalidated = [n for n in kept if plan.validate and (kept[n].get("validation") or {}).get("passed") is not True]
     assets_todo = [a for a in plan.asset_parts if a not in kept_assets]
     stale = sorted(set((previous or {}).get("components") or {}) - set(plan.specs))
     stale_assets = sorted(set((previous or {}).get("assets") or {}) - set(plan.asset_parts))
@@ -291,15 +296,15 @@ def _export(plan: ExportPlan, out: Path, previous: dict[str, Any] | None, progre
         "components": {n: kept[n] for n in plan.specs if n in kept},
         "assets": {a: kept_assets[a] for a in plan.asset_parts if a in kept_assets},
     }
-    if previous and previous.get("complete") and not (todo or assets_todo or stale or stale_assets):
+    if previous and previous.get("complete") and not (todo or unvalidated or assets_todo or stale or stale_assets):
         same = {k: previous.get(k) for k in ("source", "vae", "opset")} == {
             k: manifest[k] for k in ("source", "vae", "opset")}
         if same:
             log.info("%s is up to date (%d components, source %s %s): no export work done",
                      out, len(plan.specs), source.kind, source.id)
-            return {**previous, "up_to_date": True, "exported": [], "kept": list(plan.specs)}
+            return {**previous, "up_to_date": True, "exported": [], "validated": [], "kept": list(plan.specs)}
     for name in kept:
-        log.info("%s: up to date, kept", name)
+        log.info("%s: up to date, kept%s", name, " (validating it)" if name in unvalidated else "")
 
     # From here on the folder changes: a reader must not trust it until the end. A fresh
     # folder has no manifest to revoke; it gets one after its first component.
@@ -314,7 +319,7 @@ def _export(plan: ExportPlan, out: Path, previous: dict[str, Any] | None, progre
     # One model part in memory at a time: each is loaded for its first use and dropped
     # after its last (its components, then its torch/<part> weights asset).
     loaded: dict[str, Any] = {}
-    uses = [COMPONENT_PARTS[n] for n in todo] + [plan.asset_parts[a] for a in assets_todo]
+    uses = [COMPONENT_PARTS[n] for n in todo + unvalidated] + [plan.asset_parts[a] for a in assets_todo]
 
     def use(part: str) -> Any:
         if part not in loaded:
@@ -327,6 +332,16 @@ def _export(plan: ExportPlan, out: Path, previous: dict[str, Any] | None, progre
             loaded.pop(part, None)
 
     val_shape = validation_shape(plan.dims.native_size)
+    for name in unvalidated:
+        part = COMPONENT_PARTS[name]
+        log.info("%s: validating the kept graph against PyTorch at %s", name, _shape_str(
+            {"batch": val_shape[0], "height": val_shape[1], "width": val_shape[2]}))
+        t0 = time.perf_counter()
+        record = onnx_tools.validate(wrap_module(name, use(part)), plan.specs[name], out / kept[name]["file"], val_shape)
+        record["seconds"] = round(time.perf_counter() - t0, 2)
+        manifest["components"][name] = {**kept[name], "validation": record}
+        atomic_write_json(out / EXPORT_MANIFEST, manifest)
+        done_with(part)
     for i, name in enumerate(todo, 1):
         part = COMPONENT_PARTS[name]
         module = use(part)
@@ -342,12 +357,12 @@ def _export(plan: ExportPlan, out: Path, previous: dict[str, Any] | None, progre
         log.info("[%d/%d] %s: done in %.1fs (%s)%s", i, len(todo), name,
                  record["export_seconds"] + val.get("seconds", 0.0), human_size(record["size_bytes"]),
                  f", validated at {_shape_str(val['shape'])}: max abs error {max(errs.values()):.2e}" if errs else "")
+        done_with(part)
         torch_asset = f"torch/{part}"
-        if torch_asset in assets_todo and part not in (COMPONENT_PARTS[n] for n in todo[i:]):
-            _write_asset(plan, out, manifest, torch_asset, use(part))
+        if torch_asset in assets_todo and uses.count(part) == 1 and part in loaded:
+            _write_asset(plan, out, manifest, torch_asset, loaded[part])  # while it is in memory
             assets_todo.remove(torch_asset)
             done_with(part)
-        done_with(part)
     for asset in list(assets_todo):
         _write_asset(plan, out, manifest, asset, use(plan.asset_parts[asset]))
         done_with(plan.asset_parts[asset])
@@ -361,7 +376,8 @@ def _export(plan: ExportPlan, out: Path, previous: dict[str, Any] | None, progre
         log.info("engines in %s were built from the previous export: `sdxl-export build` rebuilds them",
                  out / ENGINE_DIR)
     log.info("export complete: %s (%d components: %d exported, %d kept)", out, len(plan.specs), len(todo), len(kept))
-    return {**manifest, "up_to_date": False, "exported": todo, "kept": [n for n in plan.specs if n in kept]}
+    return {**manifest, "up_to_date": False, "exported": todo, "validated": unvalidated,
+            "kept": [n for n in plan.specs if n in kept]}
 
 
 def validation_shape(native: int) -> tuple[int, int, int]:
