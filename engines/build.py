@@ -330,7 +330,8 @@ def build(opts: BuildOptions) -> BuildReport:
         "complete": False,
         "backend": backend,
         "backend_note": note,
-        "build_command": opts.to_cli(),
+        # Absolute --out: the command in an error message must work from any directory.
+        "build_command": opts.to_cli(out=root),
         "build_options": opts.to_dict(),
         "export": {"source": export_manifest.get("source"), "native_size": export_manifest.get("native_size"),
                    "opset": export_manifest.get("opset")},

@@ -84,6 +84,21 @@ def default_build_command(artifacts: Path) -> str:
     return f"sdxl-export build --out {shlex.quote(str(artifacts))}"
 
 
+def _with_out(command: str | None, artifacts: Path) -> str:
+    """The recorded build command, pointed at where the folder is now (it may have moved)."""
+    if not command:
+        return default_build_command(artifacts)
+    try:
+        args = shlex.split(command)
+    except ValueError:
+        return default_build_command(artifacts)
+    if "--out" in args[:-1]:
+        args[args.index("--out") + 1] = str(artifacts)
+    else:
+        args += ["--out", str(artifacts)]
+    return shlex.join(args)
+
+
 @dataclass
 class EngineEntry:
     """One built engine (TensorRT plan or ONNX Runtime twin) and how it was built."""
@@ -227,7 +242,7 @@ class EngineStore:
         self.artifacts = artifacts
         self.manifest = manifest
         self.export_manifest = export_manifest
-        self.build_command: str = manifest.get("build_command") or default_build_command(artifacts)
+        self.build_command: str = _with_out(manifest.get("build_command"), artifacts)
         self.entries: dict[str, EngineEntry] = {
             name: EngineEntry.from_dict(d, artifacts) for name, d in manifest.get("engines", {}).items()
         }
@@ -263,7 +278,10 @@ class EngineStore:
                 gpu = current_gpu()
             why = trt_compatible(entry.target, entry.builder, gpu, trt_version)
             if why:
-                raise StaleEngineError(f"the {component} engine cannot run here: {why}", self._fix())
+                fix = self._fix()
+                if trt_version is None or gpu is None:  # rebuild for what this machine has: the ORT twin
+                    fix = fix.replace(" --backend tensorrt", "")
+                raise StaleEngineError(f"the {component} engine cannot run here: {why}", fix)
         elif entry.backend == BACKEND_ORT:
             here = ort_target()
             built = {k: entry.target.get(k) for k in here}
@@ -324,7 +342,7 @@ def load_engine_store(artifacts_dir: str | Path) -> EngineStore | None:
     try:
         return EngineStore(root, manifest, export)
     except (KeyError, TypeError, ValueError) as exc:
-        cmd = manifest.get("build_command") or default_build_command(root)
+        cmd = _with_out(manifest.get("build_command"), root)
         raise CorruptArtifactError(
             f"{engine_manifest_path(root)} is malformed ({type(exc).__name__}: {exc})", f"run `{cmd}`"
         ) from None
