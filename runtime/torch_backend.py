@@ -80,6 +80,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 KEEP_FP32_INPUTS = frozenset({"timestep"})
 
 KNOWN_OPTIONS = frozenset({"dtype", "cuda_graphs", "max_graphs", "verify", "synchronize"})
+#: Options the pipeline passes to every backend that belong to another one (ignored here).
+FOREIGN_OPTIONS = frozenset({"session_options"})
 
 
 def available() -> tuple[bool, str]:
@@ -102,7 +104,9 @@ class TorchRunner(ComponentRunner):
     def __init__(self, ctx: ComponentContext):
         super().__init__(ctx.spec)
         self.ctx = ctx
-        unknown = set(ctx.options) - KNOWN_OPTIONS
+        if ctx.options.get("session_options"):
+            log.warning("%s: session_options are ONNX Runtime settings; the torch backend ignores them", ctx.name)
+        unknown = set(ctx.options) - KNOWN_OPTIONS - FOREIGN_OPTIONS
         if unknown:
             raise InvalidRequestError(
                 f"unknown torch backend option(s) {sorted(unknown)}",
