@@ -47,6 +47,9 @@ deferred shape updates -- must not happen inside a capture). All graphs of one c
 one private memory pool (``torch.cuda.graph_pool_handle()``) so that intermediates of
 different shapes reuse the same memory; that is safe because one lock serialises every
 capture and replay of a cache (a graph's static buffers make replay non-reentrant).
+Captures of all caches in the process are serialised by one more lock (PyTorch allows
+one capture at a time) and use ``capture_error_mode="thread_local"``, so other threads
+may keep running CUDA work while a graph is being captured.
 """
 
 from __future__ import annotations
@@ -72,6 +75,9 @@ ShapeKey = tuple[tuple[str, tuple[int, ...], str, str], ...]
 
 DEFAULT_MAX_GRAPHS = 8
 DEFAULT_WARMUP_RUNS = 2
+
+#: PyTorch allows one capture at a time per process: captures of every cache take this lock.
+_CAPTURE_LOCK = threading.Lock()
 
 
 class GraphCaptureError(SDXLExportError):
@@ -206,6 +212,7 @@ class GraphCache:
         self._graphs: LRUCache[ShapeKey, CapturedGraph] = LRUCache(max_graphs, self._release)
         self._lock = threading.RLock()
         self._pool: Any = None  # torch.cuda graph pool handle, created on first capture
+        self._stream: Any = None  # the side stream warm-ups and captures run on
 
     @property
     def max_graphs(self) -> int:
@@ -258,6 +265,7 @@ class GraphCache:
         with self._lock:
             self._graphs.clear()
             self._pool = None
+            self._stream = None
 
     # ---- capture ------------------------------------------------------------------------------
     def _capture(self, key: ShapeKey, feeds: Mapping[str, torch.Tensor], fn: GraphFn) -> CapturedGraph:
@@ -275,16 +283,22 @@ class GraphCache:
                          for n, t in feeds.items()}
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+            self._stream = torch.cuda.Stream()
+        side = self._stream
+        caller = torch.cuda.current_stream()
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup_runs):
-                    fn(static_inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                outputs = fn(static_inputs)
+            with _CAPTURE_LOCK:
+                side.wait_stream(caller)
+                with torch.cuda.stream(side):
+                    for _ in range(self.warmup_runs):
+                        fn(static_inputs)
+                caller.wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                # One capture stream per pool (PyTorch's advice for pool sharing); "thread_local"
+                # so that other threads' CUDA work (other runners) does not break this capture.
+                with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
+                    outputs = fn(static_inputs)
+                caller.wait_stream(side)
             static_outputs = dict(outputs)
         except RuntimeError as exc:
             raise GraphCaptureError(

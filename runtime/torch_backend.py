@@ -162,7 +162,7 @@ class TorchRunner(ComponentRunner):
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _weights(self) -> tuple[type, Path]:
+    def _weights(self) -> tuple[Any, Path]:
         """The class and folder of this component's weights, checked against the manifest."""
         root = Path(self.ctx.artifacts)
         manifest = read_manifest(root / EXPORT_MANIFEST, FORMAT_EXPORT, f"sdxl-export export --out {root}")
