@@ -34,6 +34,8 @@ def add_build_options(p: argparse.ArgumentParser) -> None:
     prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16", default="fp32",
                       help="fp16 engines (TensorRT; the ONNX Runtime CPU twin stays fp32 and records it)")
     prec.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="bf16 engines")
+    prec.add_argument("--precision", dest="precision", choices=("fp32", "fp16", "bf16"), default=argparse.SUPPRESS,
+                      help="the same as --fp16/--bf16, or fp32 (the default)")
     p.add_argument("--vae-precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="precision of the VAE engines (default fp32/TF32: SDXL's VAE overflows in fp16)")
     p.add_argument("--model", default="tiny", metavar="SRC", help="preset, diffusers folder or hub id (default tiny)")

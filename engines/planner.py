@@ -25,15 +25,16 @@ Modes
 
 Batch: the runtime calls each component at a multiple of the prompt batch B
 (:data:`BATCH_MULTIPLIERS`): the UNets at 2B (classifier-free guidance runs negative and
-positive together), the text encoders at B or 2B (negatives encoded alone or with the
-prompts), the VAE at B.
+positive together; ``opt`` is tuned there) or B (guidance off), the text encoders at B or
+2B (negatives encoded alone or with the prompts), the VAE at B.
 
 TensorRT limits respected (TensorRT 10): tensor rank <= ``Dims.MAX_DIMS`` (8), every dim
 >= 1, min <= opt <= max, at most :data:`TRT_MAX_PROFILES` profiles per engine and tensor
 volumes below 2**31 elements (the int32 indexing limit many TensorRT kernels keep).
 TensorRT 10 documents no hard cap on profiles per engine; each profile adds tactic
 timing to the build and per-profile metadata to the plan, so we cap at 2**7 = 128, which
-admits ``static`` over all 40 SDXL buckets at up to 3 prompt batch sizes.
+admits ``static`` over all 40 SDXL buckets for UNet batches {1, 2} or {1, 2, 4}
+(prompt batch sizes 1 or 1,2).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ DEFAULT_MAX_AREA_RATIO = 1.5
 #: Component kind -> multiples of the prompt batch it is called at (first = most common).
 BATCH_MULTIPLIERS: dict[str, tuple[int, ...]] = {
     "text_encoder": (1, 2),
-    "unet": (2,),
+    "unet": (2, 1),
     "vae_decoder": (1,),
     "vae_encoder": (1,),
 }

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest_engines import copy_artifacts, exported_tiny, file_mtimes, run_cli
-
 from sdxl_export.artifacts import ENGINE_DIR, FORMAT_ENGINES
 from sdxl_export.engines import ort_builder
 from sdxl_export.engines.store import GpuInfo, load_engine_store
@@ -164,7 +163,7 @@ def _claim_tensorrt(root: Path, component: str, **builder) -> None:
 
 def test_engine_for_another_gpu_or_tensorrt_is_refused(copy):
     _claim_tensorrt(copy, "unet")
-    rc, out, err = run_cli("verify-engines", "--out", str(copy))
+    rc, _out, err = run_cli("verify-engines", "--out", str(copy))
     assert rc == 2 and len(err.strip().splitlines()) == 1
     assert "TensorRT 10.0.1 plan for NVIDIA H100 80GB HBM3" in err and "TensorRT is not usable here" in err
     assert "Fix: run `sdxl-export build --fp16 --out" in err
@@ -212,7 +211,7 @@ def test_twin_for_another_onnxruntime_or_reexported_onnx_is_stale(copy):
 
 
 def test_backend_tensorrt_without_tensorrt_is_a_named_error(tmp_path):
-    rc, out, err = run_cli("build", "--backend", "tensorrt", "--out", str(tmp_path / "x"))
+    rc, _out, err = run_cli("build", "--backend", "tensorrt", "--out", str(tmp_path / "x"))
     assert rc == 2 and "Traceback" not in err
     assert err.startswith("sdxl-export: error: --backend tensorrt, but TensorRT cannot build here")
     assert not (tmp_path / "x").exists()  # refused before any work

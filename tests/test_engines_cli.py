@@ -6,7 +6,6 @@ import json
 
 import pytest
 from conftest_engines import run_cli
-
 from sdxl_export.buckets import buckets_for
 
 
@@ -27,7 +26,7 @@ def test_plan_json_covers_all_buckets(tmp_path, mode, model, native):
         served = set()
         for prof in comp["profiles"]:
             served.update(prof["buckets"])
-            for inp, s in prof["shapes"].items():
+            for s in prof["shapes"].values():
                 assert set(s) == {"min", "opt", "max"}
                 assert all(a <= o <= b for a, o, b in zip(s["min"], s["opt"], s["max"]))
         assert served == set(table), name

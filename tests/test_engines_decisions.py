@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 from conftest_engines import exported_tiny
-
 from sdxl_export.buckets import buckets_for
 from sdxl_export.engines.build import BuildOptions, decide, make_plan, trt_target, wanted_engines
 from sdxl_export.engines.planner import plan_profiles
@@ -87,11 +86,11 @@ def test_tensorrt_version_or_gpu_rebuilds_everything(export, target, why):
 
 
 @pytest.mark.parametrize("flags,key", [
-    (dict(builder_optimization_level=5), "builder_optimization_level 3 -> 5"),
-    (dict(refittable=True), "refittable False -> True"),
-    (dict(hardware_compatibility="ampere_plus"), "hardware_compatibility none -> ampere_plus"),
-    (dict(version_compatible=True), "version_compatible False -> True"),
-    (dict(workspace_gb=4.0), "workspace_gb None -> 4.0"),
+    ({"builder_optimization_level": 5}, "builder_optimization_level 3 -> 5"),
+    ({"refittable": True}, "refittable False -> True"),
+    ({"hardware_compatibility": "ampere_plus"}, "hardware_compatibility none -> ampere_plus"),
+    ({"version_compatible": True}, "version_compatible False -> True"),
+    ({"workspace_gb": 4.0}, "workspace_gb None -> 4.0"),
 ])
 def test_builder_flags_rebuild_everything(export, flags, key):
     prev = _as_built(export, _wanted(export))
@@ -137,7 +136,7 @@ def test_backend_switch_rebuilds(export):
 # ---- profile selection -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def entries(export):
-    root, manifest = export
+    _root, manifest = export
     specs = specs_from_dicts(c["spec"] for c in manifest["components"].values())
     out = {}
     for mode in ("static", "bucketed", "dynamic"):
@@ -152,7 +151,7 @@ def entries(export):
 def test_select_profile_prefers_the_profile_planned_for_the_bucket(entries, mode):
     e = entries[mode]["unet"]
     for b in buckets_for(256):
-        for n in (2, 4):
+        for n in (1, 2, 4):
             shapes = e.spec.input_shapes(n, b.height, b.width)
             i = select_profile(e, shapes)
             p = e.profiles[i]
@@ -167,7 +166,7 @@ def test_select_profile_range_fallback_and_refusal(entries):
     # not a bucket, but inside profile 0's range (latent size between two of its buckets)
     inside = e.spec.input_shapes(2, e.profiles[0].shapes["sample"][2][2] * 8, e.profiles[0].shapes["sample"][0][3] * 8)
     assert select_profile(e, inside) == 0
-    with pytest.raises(UnsupportedShapeError, match="serves batch sizes \\[2, 4\\] and buckets 128x512"):
+    with pytest.raises(UnsupportedShapeError, match="serves batch sizes \\[1, 2, 4\\] and buckets 128x512"):
         select_profile(e, e.spec.input_shapes(6, b.height, b.width))
     with pytest.raises(UnsupportedShapeError, match="1024x1024"):
         select_profile(e, e.spec.input_shapes(2, 1024, 1024))
@@ -186,4 +185,4 @@ def test_entry_roundtrip(entries, tmp_path):
     assert d["file"] == "engines/unet/engine.plan"
     back = EngineEntry.from_dict(json.loads(json.dumps(d)), tmp_path)
     assert back.profiles == e.profiles and back.spec == e.spec and back.path == e.path.resolve()
-    assert set(back.buckets) == set(buckets_for(256)) and back.batch_sizes == (2, 4)
+    assert set(back.buckets) == set(buckets_for(256)) and back.batch_sizes == (1, 2, 4)

@@ -10,11 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from sdxl_export.engines import trt_builder
 from sdxl_export.engines.planner import plan_profiles
 from sdxl_export.engines.sources import specs_for_plan
-from sdxl_export.engines.trt_builder import TrtSettings, create_config, enum_names, network_loader, polygraphy_profiles
+from sdxl_export.engines.trt_builder import (
+    TrtSettings,
+    create_config,
+    enum_names,
+    network_loader,
+    polygraphy_profiles,
+)
 from sdxl_export.errors import BackendUnavailableError, InvalidRequestError
 
 REAL_TRT = trt_builder.trt_version() is not None
@@ -88,8 +93,8 @@ def test_network_loader_uses_native_instancenorm(tmp_path):
     assert network_loader(onnx, TrtSettings(native_instancenorm=False)).plugin_instancenorm is True
 
 
-@pytest.mark.parametrize("bad", [dict(precision="int8"), dict(hardware_compatibility="any"),
-                                 dict(builder_optimization_level=6), dict(workspace_gb=0)])
+@pytest.mark.parametrize("bad", [{"precision": "int8"}, {"hardware_compatibility": "any"},
+                                 {"builder_optimization_level": 6}, {"workspace_gb": 0}])
 def test_settings_are_validated(bad):
     with pytest.raises(InvalidRequestError):
         TrtSettings(**bad)

@@ -6,10 +6,15 @@ import dataclasses
 import math
 
 import pytest
-
 from sdxl_export.buckets import Bucket, buckets_for, parse_bucket_list
 from sdxl_export.engines.planner import (
-    MODES, TRT_MAX_DIMS, TRT_MAX_PROFILES, PlanError, PlannedProfile, group_buckets, plan_profiles,
+    MODES,
+    TRT_MAX_DIMS,
+    TRT_MAX_PROFILES,
+    PlanError,
+    PlannedProfile,
+    group_buckets,
+    plan_profiles,
 )
 from sdxl_export.engines.sources import dims_for_source, specs_for_plan
 from sdxl_export.errors import UnknownBucketError
@@ -57,19 +62,20 @@ def test_every_bucket_and_batch_is_served_in_every_mode(mode, model, sdxl_specs,
 
 def test_batch_multipliers_follow_classifier_free_guidance(sdxl_specs):
     plan = plan_profiles(sdxl_specs, native=1024, batch_sizes=(1, 3), mode="dynamic")
-    assert plan.components["unet"].batch_sizes == (2, 6)
-    assert plan.components["refiner_unet"].batch_sizes == (2, 6)
+    # 2B under classifier-free guidance, B with guidance off
+    assert plan.components["unet"].batch_sizes == (1, 2, 3, 6)
+    assert plan.components["refiner_unet"].batch_sizes == (1, 2, 3, 6)
     assert plan.components["text_encoder"].batch_sizes == (1, 2, 3, 6)
     assert plan.components["vae_decoder"].batch_sizes == (1, 3)
     lo, opt, hi = plan.components["unet"].profiles[0].shapes["sample"]
-    assert (lo[0], opt[0], hi[0]) == (2, 2, 6)
+    assert (lo[0], opt[0], hi[0]) == (1, 2, 6)  # kernels tuned for the guided batch
 
 
 def test_static_profiles_are_exact_shapes(tiny_specs):
     plan = plan_profiles(tiny_specs, native=256, batch_sizes=(1, 2), mode="static")
     n_buckets = len(buckets_for(256))
     unet = plan.components["unet"]
-    assert len(unet.profiles) == n_buckets * 2
+    assert len(unet.profiles) == n_buckets * 3  # UNet batches 1, 2 (guided 1) and 4 (guided 2)
     for p in unet.profiles:
         assert len(p.buckets) == 1 and len(p.batch_sizes) == 1
         for lo, opt, hi in p.shapes.values():
@@ -131,7 +137,7 @@ def test_shapes_come_from_the_spec_not_from_names():
     plan = plan_profiles(specs, native=256, mode="dynamic")
     sample = plan.components["unet"].profiles[0].shapes["sample"]
     assert sample[0][1] == 16
-    assert plan.components["unet"].profiles[0].shapes["text_embeds"][0] == (2, 40)
+    assert plan.components["unet"].profiles[0].shapes["text_embeds"][1] == (2, 40)  # opt
     # a component with other input names is planned from its own spec
     odd = ComponentSpec(
         name="odd", kind="vae_decoder",
@@ -149,7 +155,7 @@ def test_subset_of_buckets_and_unknown_bucket(sdxl_specs):
     chosen = parse_bucket_list("1024x1024,832x1216", 1024)
     plan = plan_profiles(sdxl_specs, native=1024, buckets=chosen, mode="bucketed")
     assert set(plan.buckets) == set(chosen)
-    assert all(_served(plan, "unet", b, 2) for b in chosen)
+    assert all(_served(plan, "unet", b, 2) and _served(plan, "unet", b, 1) for b in chosen)
     with pytest.raises(UnknownBucketError):
         parse_bucket_list("1000x1000", 1024)
 
