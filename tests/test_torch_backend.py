@@ -212,3 +212,18 @@ def test_description_records_how_it_runs(tiny_artifacts):
     runner = create_runner("torch", make_ctx(tiny_artifacts, "vae_decoder"))
     assert runner.description == {"backend": "torch", "component": "vae_decoder", "device": "cpu",
                                   "dtype": "float32", "cuda_graphs": False, "graphs": None}
+
+
+def test_pipeline_on_the_torch_backend_matches_onnxruntime(tiny_artifacts):
+    """Base + refiner through SDXLPipeline: only the backend differs, so the images must agree."""
+    from sdxl_export.runtime.pipeline import SDXLPipeline
+
+    images = {}
+    for backend in ("torch", "onnxruntime"):
+        with SDXLPipeline.from_artifacts(tiny_artifacts, backend=backend, device="cpu") as pipe:
+            assert all(r.backend == backend for r in pipe.runners.values())
+            out = pipe("a red bicycle", height=192, width=320, num_inference_steps=5, seed=3, output_type="np")
+            images[backend] = out.images
+    assert images["torch"].shape == (1, 192, 320, 3)
+    assert images["torch"].std() > 0.01
+    np.testing.assert_allclose(images["torch"], images["onnxruntime"], atol=1e-4, rtol=0)
