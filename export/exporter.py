@@ -292,7 +292,7 @@ def _export(plan: ExportPlan, out: Path, previous: dict[str, Any] | None, progre
         "exporter": EXPORTER,
         "exporter_revision": EXPORTER_REVISION,
         "versions": plan.versions,
-        "vae": {k: v for k, v in source.part_config("vae").items() if k in VAE_RUNTIME_KEYS},
+        "vae": {k: v for k, v in source.part_config("vae").items() if k in VAE_RUNTIME_KEYS and v is not None},
         "components": {n: kept[n] for n in plan.specs if n in kept},
         "assets": {a: kept_assets[a] for a in plan.asset_parts if a in kept_assets},
     }
