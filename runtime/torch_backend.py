@@ -49,7 +49,7 @@ import torch
 
 from ..artifacts import EXPORT_MANIFEST, FORMAT_EXPORT, read_manifest, verify_files
 from ..errors import ArtifactError, BackendUnavailableError, InvalidRequestError, MissingComponentError
-from .backend import ComponentRunner
+from .backend import ComponentRunner, RunnerClosedError
 from .backends import ComponentContext
 from .cuda_graphs import DEFAULT_MAX_GRAPHS, GraphCache
 
@@ -223,7 +223,7 @@ class TorchRunner(ComponentRunner):
         """Spec inputs -> spec outputs; capturable (no host sync) for CUDA graphs."""
         module = self._module
         if module is None:  # closed between the check in __call__ and here
-            raise ArtifactError(f"{self.spec.name}: module not loaded", "open() the runner")
+            raise RunnerClosedError(f"{self.spec.name} (torch) was closed during the call", "open() the runner again")
         with torch.inference_mode():
             args = [self._to_compute(name, feeds[name]) for name in self.spec.input_names]
             raw = module(*args)
