@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from sdxl_export.engines.planner import plan_profiles
 from sdxl_export.engines.sources import specs_for_plan
 from sdxl_export.engines.store import EngineEntry
@@ -53,7 +52,6 @@ def test_runner_refuses_what_it_cannot_run():
 @pytest.mark.gpu
 def test_tensorrt_engines_match_onnxruntime_and_replay_graphs(tmp_path):
     import torch
-
     from sdxl_export.engines.build import BuildOptions, build
     from sdxl_export.engines.store import load_engine_store
     from sdxl_export.runtime.onnxruntime_backend import create as create_ort
