@@ -46,7 +46,13 @@ from ..artifacts import (
     sha256_file,
     sha256_json,
 )
-from ..errors import ArtifactError, CorruptArtifactError, OpsetError, OutputDirError
+from ..errors import (
+    ArtifactError,
+    CorruptArtifactError,
+    IncompatibleManifestError,
+    OpsetError,
+    OutputDirError,
+)
 from ..models.loader import ModelSource, SDXLModel, resolve_source
 from ..specs import ComponentSpec, component_specs
 from .onnx_tools import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
@@ -119,7 +125,7 @@ def prepare_out_dir(out: Path) -> dict[str, Any] | None:
         )
     try:
         previous = read_manifest(out / EXPORT_MANIFEST, FORMAT_EXPORT, _fix_cmd(out))
-    except CorruptArtifactError as exc:
+    except (CorruptArtifactError, IncompatibleManifestError) as exc:
         log.warning("previous manifest unusable (%s): exporting everything again", exc.message)
         return {}
     except ArtifactError as exc:
