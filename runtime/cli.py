@@ -42,13 +42,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--steps", type=int, default=30, help="inference steps (default 30)")
     p.add_argument("--guidance", type=float, default=5.0, help="guidance scale (default 5.0; <= 1 turns it off)")
     p.add_argument("--seed", type=int, default=None, help="seed (default: random, printed)")
-    p.add_argument("--scheduler", default="euler", choices=scheduler_names(), help="sampler (default euler)")
+    p.add_argument("--scheduler", default="euler", metavar="NAME",
+                   help=f"sampler: {', '.join(scheduler_names())} (default euler)")
     p.add_argument("--denoising-end", type=float, default=0.8, metavar="F",
                    help="fraction of denoising done by the base before the refiner (default 0.8)")
     p.add_argument("--no-refiner", action="store_true", help="base only")
     p.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt (default 1)")
-    p.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),
-                   help="auto: TensorRT engines where built and usable, else ONNX Runtime")
+    p.add_argument("--backend", default="auto", metavar="NAME",
+                   help=f"auto, {', '.join(BACKENDS)} (auto: TensorRT engines where built and usable, "
+                   "else ONNX Runtime)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--out", type=Path, default=Path("sdxl.png"), metavar="FILE.png",
                    help="output image (several: FILE.png, FILE-1.png, ...; default sdxl.png)")
