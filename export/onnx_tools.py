@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 PROTOBUF_LIMIT = 2 * 1024**3
 EXTERNAL_DATA_THRESHOLD = int(1.8 * 1024**3)
 EXTERNAL_DATA_NAME = "model.onnx.data"
+#: Tensors smaller than this stay in the graph file (as ``onnx.save_model``'s size_threshold).
+INLINE_BELOW = 1024
 
 #: 17 is the first opset with LayerNormalization (one node per norm, which TensorRT fuses);
 #: 20 is the newest the TorchScript exporter writes.
@@ -100,9 +102,10 @@ def consolidate_external_data(raw: Path, path: Path) -> None:
     """Rewrite ``raw`` (weights in one file per tensor) as ``path`` + one ``model.onnx.data``.
 
     Streams one tensor at a time, so memory stays at the largest tensor. Offsets are
-    aligned to 4 KiB so that readers can mmap the data file.
+    aligned to 4 KiB so that readers can mmap the data file; tensors under 1 KiB (shape
+    constants, which runtimes need while loading the graph) go back into the graph.
     """
-    from onnx.external_data_helper import ExternalDataInfo, set_external_data
+    from onnx.external_data_helper import ExternalDataInfo
 
     model = onnx.load(str(raw), load_external_data=False)
     data_path = path.with_name(EXTERNAL_DATA_NAME)
@@ -115,13 +118,19 @@ def consolidate_external_data(raw: Path, path: Path) -> None:
             with open(raw.parent / info.location, "rb") as src:
                 src.seek(int(info.offset or 0))
                 blob = src.read(int(info.length)) if info.length else src.read()
+            del tensor.external_data[:]
+            if len(blob) < INLINE_BELOW:  # shape constants: ORT and TensorRT read them at load
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                tensor.raw_data = blob
+                continue
             offset = out.tell()
             if offset % align:
                 out.write(b"\0" * (align - offset % align))
                 offset = out.tell()
             out.write(blob)
-            del tensor.external_data[:]
-            set_external_data(tensor, EXTERNAL_DATA_NAME, offset=offset, length=len(blob))
+            for key, value in (("location", EXTERNAL_DATA_NAME), ("offset", str(offset)), ("length", str(len(blob)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
         out.flush()
         os.fsync(out.fileno())
     model.producer_name = "sdxl-export"
@@ -129,12 +138,21 @@ def consolidate_external_data(raw: Path, path: Path) -> None:
 
 
 def _all_tensors(model: onnx.ModelProto):
-    """Initializers and Constant-node tensors of the main graph."""
-    yield from model.graph.initializer
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
+    """Every tensor of the model: initializers and Constant tensors, subgraphs included."""
+
+    def walk(graph: onnx.GraphProto):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    yield from walk(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for g in attr.graphs:
+                        yield from walk(g)
+
+    yield from walk(model.graph)
 
 
 def clean_graph(model: onnx.ModelProto) -> onnx.ModelProto:

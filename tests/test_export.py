@@ -192,3 +192,24 @@ def test_opset_out_of_range_is_refused_before_anything(tmp_path):
         with pytest.raises(errors.OpsetError, match=str(opset)):
             export_model("tiny", tmp_path / "out", opset=opset)
     assert not (tmp_path / "out").exists()
+
+
+def test_per_tensor_external_data_is_consolidated_into_one_file(tiny_artifacts, tmp_path):
+    """The >2 GB path (torch writes one file per tensor) on a small graph: same graph, same outputs."""
+    src = tiny_artifacts / "onnx" / "text_encoder_2" / "model.onnx"
+    raw = tmp_path / "raw" / "raw.onnx"
+    raw.parent.mkdir()
+    onnx.save_model(onnx.load(str(src)), str(raw), save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=0)
+    assert len(list(raw.parent.iterdir())) > 10  # one file per tensor, as torch writes big models
+    out = tmp_path / "out" / "model.onnx"
+    out.parent.mkdir()
+    onnx_tools.consolidate_external_data(raw, out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", onnx_tools.EXTERNAL_DATA_NAME]
+    onnx.checker.check_model(str(out))
+    shutil.rmtree(raw.parent)  # nothing may point back at the per-tensor files
+    ids = np.random.default_rng(0).integers(1, 800, size=(2, 77)).astype(np.int32)
+    want = session(src).run(None, {"input_ids": ids})
+    got = session(out).run(None, {"input_ids": ids})
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(w, g)
