@@ -1,0 +1,385 @@
+"""End-to-end latency benchmark: our pipeline vs diffusers, interleaved in one process.
+
+For every (bucket, batch) case the benchmark warms up each side, then runs them in
+rounds -- ours, baseline, ours, baseline, ... -- so that whatever else the machine is
+doing slows both sides alike and cancels in the ratio. It reports per stage (each text
+encoder, every UNet and refiner step, the VAE decode), end to end (p50/p90/p99, mean,
+spread, images per second), peak memory, the runtime's overhead (end to end minus the
+time inside components), parity of the images with the baseline's, and export / build
+times when it made the artifacts itself.
+
+Entry points: :func:`run_bench` (library), ``sdxl-export bench`` (:mod:`.cli`) and the
+named suites in :mod:`.suites`. Output: :mod:`.report` (JSON, markdown, PNG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, InvalidRequestError
+from .stats import MemorySampler, machine_info, ratio, summarize
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "sdxl-export/bench"
+SCHEMA_VERSION = 1
+BASELINES = ("diffusers", "none")
+DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 8k"
+#: Parity bound of the images (float images in [0, 1]): one 8-bit level.
+PIXEL_TOLERANCE = 1 / 255
+BASELINE = "diffusers"
+RSS_NOTE = ("memory.rss_peak_mb is the whole process: every side's figure includes the other pipelines' "
+            "resident weights (all sides run in one process, interleaved)")
+
+
+@dataclass
+class Variant:
+    """One configuration of ours to measure: a backend, its device and its options."""
+
+    name: str
+    backend: str = "auto"
+    device: str = "auto"
+    #: ``backend_options`` of :meth:`SDXLPipeline.from_artifacts` (ORT: ``{"session_options": {...}}``).
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BenchConfig:
+    """What to benchmark. Exactly one of ``artifacts`` and ``model`` is set."""
+
+    artifacts: Path | None = None
+    model: str | None = None
+    refiner_source: str | None = "same"
+    #: Where ``model`` is exported and built (default: a new temporary folder).
+    work_dir: Path | None = None
+    build: bool = True
+    variants: list[Variant] = field(default_factory=lambda: [Variant("auto")])
+    #: ``"native"`` (the model's square native size), ``"all"`` or ``"HxW,HxW"``.
+    buckets: str = "native"
+    batch_sizes: tuple[int, ...] = (1,)
+    steps: int = 20
+    runs: int = 5
+    warmup: int = 1
+    baseline: str = "diffusers"
+    baseline_device: str = "auto"
+    #: torch's intra-op threads while the benchmark runs (None: torch's default, one per core).
+    torch_threads: int | None = None
+    guidance_scale: float = 5.0
+    denoising_end: float = 0.8
+    use_refiner: bool = True
+    scheduler: str = "euler"
+    prompt: str = DEFAULT_PROMPT
+    seed: int = 0
+
+    def check(self) -> None:
+        if (self.artifacts is None) == (self.model is None):
+            raise InvalidRequestError("pass exactly one of --artifacts DIR and --model SRC",
+                                      "--artifacts for an existing export, --model to export (and build) first")
+        if self.baseline not in BASELINES:
+            raise InvalidRequestError(f"unknown baseline {self.baseline!r}", f"use one of {', '.join(BASELINES)}")
+        for name, value, low in (("runs", self.runs, 1), ("warmup", self.warmup, 0), ("steps", self.steps, 1)):
+            if not isinstance(value, int) or value < low:
+                raise InvalidRequestError(f"--{name} must be an integer >= {low}, got {value!r}",
+                                          f"pass --{name} {max(low, 1)} or more")
+        if self.torch_threads is not None and (not isinstance(self.torch_threads, int) or self.torch_threads < 1):
+            raise InvalidRequestError(f"--torch-threads must be >= 1, got {self.torch_threads!r}",
+                                      "pass --torch-threads 1 or more, or leave it out for torch's default")
+        if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
+            raise InvalidRequestError(f"batch sizes must be >= 1, got {self.batch_sizes}", "pass e.g. --batch-sizes 1,2")
+        if not self.variants:
+            raise InvalidRequestError("no backend to benchmark", "pass --backend NAME")
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names) or BASELINE in names:
+            raise InvalidRequestError(f"variant names must be unique and not {BASELINE!r}: {names}",
+                                      "give each variant its own name")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("artifacts", "work_dir"):
+            d[k] = str(d[k]) if d[k] is not None else None
+        d["batch_sizes"] = list(self.batch_sizes)
+        return d
+
+
+@dataclass
+class Side:
+    """One measured side (a variant of ours, or the baseline) in one case."""
+
+    name: str
+    totals: list[float] = field(default_factory=list)
+    stages: dict[str, list[float]] = field(default_factory=dict)  # all calls of all measured runs
+    calls_per_run: dict[str, int] = field(default_factory=dict)
+    component: list[float] = field(default_factory=list)
+    memory: MemorySampler = field(default_factory=MemorySampler)
+
+    def add(self, total: float, stages: dict[str, list[float]]) -> None:
+        self.totals.append(total)
+        self.component.append(float(sum(sum(v) for v in stages.values())))
+        for k, v in stages.items():
+            self.stages.setdefault(k, []).extend(v)
+            self.calls_per_run[k] = len(v)
+
+    def to_dict(self, batch: int) -> dict[str, Any]:
+        e2e = summarize(self.totals)
+        overhead = [max(0.0, t - c) for t, c in zip(self.totals, self.component)]
+        stages = {}
+        for name, calls in self.stages.items():
+            n = self.calls_per_run[name]
+            stages[name] = {
+                "calls_per_image_batch": n,
+                "per_call_p50_ms": statistics.median(calls) * 1e3,
+                "per_call_mean_ms": statistics.fmean(calls) * 1e3,
+                "per_run_ms": statistics.fmean(calls) * n * 1e3,
+            }
+        return {
+            "end_to_end": e2e,
+            "images_per_second": batch / statistics.fmean(self.totals),
+            "stages": stages,
+            "component_ms_p50": statistics.median(self.component) * 1e3,
+            "overhead": {
+                "p50_ms": statistics.median(overhead) * 1e3,
+                "fraction_p50": statistics.median(o / t for o, t in zip(overhead, self.totals)),
+            },
+            "memory": self.memory.to_dict(),
+        }
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendUnavailableError(f"baseline device {device!r} requested but torch sees no CUDA GPU",
+                                      "use --baseline-device cpu, or run on a GPU machine")
+    return device
+
+
+def prepare_artifacts(cfg: BenchConfig) -> tuple[Path, dict[str, Any]]:
+    """The artifact folder to benchmark, exporting and building it first for ``--model``."""
+    timing: dict[str, Any] = {"export_seconds": None, "build_seconds": None, "built_backends": []}
+    if cfg.artifacts is not None:
+        return Path(cfg.artifacts), timing
+    from ..engines.build import BuildOptions, build
+    from ..export import export_model
+
+    assert cfg.model is not None
+    out = Path(cfg.work_dir) if cfg.work_dir is not None else Path(tempfile.mkdtemp(prefix="sdxl-bench-")) / "art"
+    log.info("exporting %s to %s", cfg.model, out)
+    t0 = time.perf_counter()
+    manifest = export_model(cfg.model, out, refiner=cfg.refiner_source, with_refiner=cfg.use_refiner)
+    timing["export_seconds"] = time.perf_counter() - t0
+    if cfg.build:
+        native = int(manifest["native_size"])
+        buckets = ",".join(f"{h}x{w}" for h, w in case_buckets(cfg, native))
+        backends = sorted({v.backend for v in cfg.variants if v.backend != "torch"})
+        t0 = time.perf_counter()
+        for backend in backends:
+            log.info("building %s engines over %s, batch %s", backend, buckets, cfg.batch_sizes)
+            report = build(BuildOptions(model=cfg.model, refiner=cfg.refiner_source, with_refiner=cfg.use_refiner,
+                                        out=out, backend=backend, buckets=buckets,
+                                        batch_sizes=tuple(cfg.batch_sizes)))
+            timing["built_backends"].append(report.backend)
+        timing["build_seconds"] = time.perf_counter() - t0 if backends else None
+    return out, timing
+
+
+def case_buckets(cfg: BenchConfig, native: int) -> list[tuple[int, int]]:
+    from ..buckets import parse_bucket_list
+
+    if cfg.buckets.strip().lower() == "native":
+        return [(native, native)]
+    return [(b.height, b.width) for b in parse_bucket_list(cfg.buckets, native)]
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Run the benchmark described by ``cfg``; return the result (see :mod:`.report`)."""
+    cfg.check()
+    with _torch_threads_set(cfg.torch_threads):
+        return _run(cfg)
+
+
+@contextlib.contextmanager
+def _torch_threads_set(n: int | None) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(cfg: BenchConfig) -> dict[str, Any]:
+    started = machine_info()
+    artifacts, build_timing = prepare_artifacts(cfg)
+    from ..runtime import SDXLPipeline
+
+    pipes: dict[str, Any] = {}
+    load_seconds: dict[str, float] = {}
+    baseline = None
+    try:
+        for v in cfg.variants:
+            t0 = time.perf_counter()
+            pipes[v.name] = SDXLPipeline.from_artifacts(artifacts, backend=v.backend, device=v.device,
+                                                        load_refiner=cfg.use_refiner, backend_options=v.options)
+            load_seconds[v.name] = time.perf_counter() - t0
+        if cfg.baseline == "diffusers":
+            baseline, load_seconds[BASELINE] = _open_baseline(artifacts, cfg)
+        first = next(iter(pipes.values()))
+        cases = []
+        for height, width in case_buckets(cfg, first.native_size):
+            for batch in cfg.batch_sizes:
+                cases.append(_run_case(cfg, pipes, baseline, height, width, int(batch)))
+        descriptions = {name: p.description for name, p in pipes.items()}
+    finally:
+        for p in pipes.values():
+            p.close()
+        if baseline is not None:
+            baseline.close()
+    return _result(cfg, started, artifacts, build_timing, load_seconds, descriptions, cases)
+
+
+def _open_baseline(artifacts: Path, cfg: BenchConfig) -> tuple[Any, float]:
+    import torch
+
+    from .baseline import DiffusersBaseline, load_reference_model
+
+    t0 = time.perf_counter()
+    model = load_reference_model(artifacts)
+    device = _resolve_device(cfg.baseline_device)
+    base = DiffusersBaseline(model)
+    if device != "cpu":
+        base.base.to(device)
+        if base.refiner is not None:
+            base.refiner.to(device)
+    log.info("baseline: diffusers eager fp32 on %s (%d torch threads)", device, torch.get_num_threads())
+    return base, time.perf_counter() - t0
+
+
+def _run_ours(pipe: Any, cfg: BenchConfig, prompts: list[str], height: int, width: int) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    out = pipe(prompts, height=height, width=width, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+               denoising_end=cfg.denoising_end, refiner=cfg.use_refiner, seed=cfg.seed, scheduler=cfg.scheduler,
+               output_type="np")
+    return time.perf_counter() - t0, out
+
+
+def _run_baseline(base: Any, cfg: BenchConfig, prompts: list[str], height: int, width: int) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    out = base(prompts, height=height, width=width, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+               denoising_end=cfg.denoising_end, refiner=cfg.use_refiner, seed=cfg.seed, scheduler=cfg.scheduler)
+    return time.perf_counter() - t0, out
+
+
+def _run_case(cfg: BenchConfig, pipes: dict[str, Any], baseline: Any, height: int, width: int,
+              batch: int) -> dict[str, Any]:
+    prompts = [cfg.prompt] * batch
+    log.info("case %dx%d batch %d: %d warm-up + %d interleaved runs per side", height, width, batch,
+             cfg.warmup, cfg.runs)
+    for _ in range(cfg.warmup):
+        for pipe in pipes.values():
+            _run_ours(pipe, cfg, prompts, height, width)
+        if baseline is not None:
+            _run_baseline(baseline, cfg, prompts, height, width)
+    sides = {name: Side(name) for name in pipes}
+    if baseline is not None:
+        sides[BASELINE] = Side(BASELINE)
+    parity: dict[str, Any] = {}
+    for r in range(cfg.runs):
+        outputs: dict[str, Any] = {}
+        for name, pipe in pipes.items():
+            with sides[name].memory.window():
+                total, out = _run_ours(pipe, cfg, prompts, height, width)
+            sides[name].add(total, out.timings.stages)
+            outputs[name] = out
+        if baseline is not None:
+            with sides[BASELINE].memory.window():
+                total, ref = _run_baseline(baseline, cfg, prompts, height, width)
+            sides[BASELINE].add(total, ref.stages)
+            if r == 0:
+                parity = {name: _parity(out, ref) for name, out in outputs.items()}
+        log.info("round %d/%d: %s", r + 1, cfg.runs,
+                 ", ".join(f"{n} {s.totals[-1] * 1e3:.0f} ms" for n, s in sides.items()))
+    case: dict[str, Any] = {"height": height, "width": width, "bucket": f"{height}x{width}", "batch": batch,
+                            "results": {name: side.to_dict(batch) for name, side in sides.items()}}
+    if baseline is not None:
+        ref_side = sides[BASELINE]
+        case["speedup_vs_baseline"] = {name: _speedup(sides[name], ref_side) for name in pipes}
+        case["parity"] = parity
+    return case
+
+
+def _parity(ours: Any, ref: Any) -> dict[str, Any]:
+    """How far our images/latents are from the baseline's (same seed, same everything)."""
+    ours_images = np.asarray(ours.images, dtype=np.float64)
+    ref_images = np.asarray(ref.images, dtype=np.float64)
+    if ours_images.shape != ref_images.shape:
+        return {"comparable": False, "why": f"image shapes {ours_images.shape} vs {ref_images.shape}"}
+    pix = float(np.abs(ours_images - ref_images).max())
+    lat = float((ours.latents.detach().cpu().double() - ref.latents.detach().cpu().double()).abs().max())
+    return {"comparable": True, "max_pixel_diff": pix, "max_pixel_diff_255": pix * 255, "max_latent_diff": lat,
+            "within_1_255": pix <= PIXEL_TOLERANCE}
+
+
+def _speedup(ours: Side, ref: Side) -> dict[str, Any]:
+    paired = [b / a for a, b in zip(ours.totals, ref.totals) if a > 0]
+    stages = {}
+    for name, calls in ours.stages.items():
+        if ref.stages.get(name):
+            stages[name] = ratio(statistics.median(ref.stages[name]), statistics.median(calls))
+    return {
+        "end_to_end_p50": ratio(statistics.median(ref.totals), statistics.median(ours.totals)),
+        "end_to_end_paired_median": statistics.median(paired) if paired else None,
+        "end_to_end_min": ratio(min(ref.totals), min(ours.totals)),
+        "per_call_p50": stages,
+    }
+
+
+def _result(cfg: BenchConfig, started: dict[str, Any], artifacts: Path, build_timing: dict[str, Any],
+            load_seconds: dict[str, float], descriptions: dict[str, Any], cases: list[dict[str, Any]]) -> dict[str, Any]:
+    from ..export.exporter import library_versions
+
+    machine = machine_info()
+    machine["load_average_at_start"] = started.get("load_average")
+    result: dict[str, Any] = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "machine": machine,
+        "versions": library_versions(),
+        "config": {**cfg.to_dict(), "artifacts": str(artifacts), "torch_threads_used": _torch_threads()},
+        "build": build_timing,
+        "load_seconds": load_seconds,
+        "variants": descriptions,
+        "cases": cases,
+        "notes": [RSS_NOTE],
+    }
+    if cfg.baseline != "none":
+        result["speedup_vs_baseline"] = {
+            v.name: _geomean([c["speedup_vs_baseline"][v.name]["end_to_end_p50"] for c in cases])
+            for v in cfg.variants
+        }
+    return result
+
+
+def _geomean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v]
+    return float(np.exp(np.mean(np.log(vals)))) if vals else None
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())

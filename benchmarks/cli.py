@@ -1,0 +1,150 @@
+"""``sdxl-export bench``: end-to-end latency of our runtime vs diffusers, interleaved.
+
+Prints a markdown table on stdout; ``--json FILE`` writes the full record and ``--plot
+FILE.png`` a latency chart per bucket and backend. ``--suite NAME`` starts from a named
+suite's settings (:mod:`.suites`); every option given explicitly overrides it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ..artifacts import DEFAULT_ARTIFACTS
+from ..errors import InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: Any) -> None:
+    from .suites import SUITES
+
+    p = subparsers.add_parser(
+        "bench", help="benchmark latency per stage and end to end, vs diffusers on the same weights",
+        description="Benchmark base+refiner sampling: per stage, end to end (p50/p90/p99), images/s, peak "
+        "memory, runtime overhead; diffusers' own pipelines on the same weights run interleaved as the "
+        "baseline. Prints a markdown table.",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--artifacts", type=Path, default=None, metavar="DIR",
+                     help=f"an existing export/build (default {DEFAULT_ARTIFACTS} unless --model or --suite)")
+    src.add_argument("--model", default=None, metavar="SRC",
+                     help="export (and build) this model first: preset name, diffusers folder or hub id")
+    p.add_argument("--refiner", default=None, metavar="SRC", help="refiner source for --model (default: same)")
+    p.add_argument("--work-dir", type=Path, default=None, metavar="DIR",
+                   help="where --model is exported and built (default: a new temporary folder)")
+    p.add_argument("--no-build", action="store_true", help="with --model: export only, no engines")
+    p.add_argument("--suite", choices=sorted(SUITES), default=None,
+                   help="start from a named suite's settings (options given here override it)")
+    p.add_argument("--backend", default=None, metavar="NAME[,NAME]",
+                   help="backend(s) to measure: auto, onnxruntime, tensorrt, torch (default auto)")
+    p.add_argument("--device", default=None, help="device for our backends: auto, cpu, cuda (default auto)")
+    p.add_argument("--session-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="ONNX Runtime session option for onnxruntime backends (repeatable), e.g. "
+                   "intra_op_num_threads=2 or session.intra_op.allow_spinning=1")
+    p.add_argument("--buckets", default=None, metavar="LIST",
+                   help="native (the model's square size, default), all, or HxW,HxW (SDXL buckets)")
+    p.add_argument("--batch-sizes", default=None, metavar="N[,N]", help="prompt batch sizes (default 1)")
+    p.add_argument("--steps", type=int, default=None, help="inference steps (default 20)")
+    p.add_argument("--runs", type=int, default=None, help="measured runs per side and case (default 5)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up runs per side and case (default 1)")
+    p.add_argument("--baseline", choices=("diffusers", "none"), default=None,
+                   help="diffusers: its own pipelines on the same weights, interleaved (default); none")
+    p.add_argument("--baseline-device", default=None, help="device of the diffusers baseline (default auto)")
+    p.add_argument("--torch-threads", type=int, default=None, metavar="N",
+                   help="torch intra-op threads during the benchmark (default: torch's, one per core)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default 5.0)")
+    p.add_argument("--denoising-end", type=float, default=None, metavar="F", help="base/refiner split (0.8)")
+    p.add_argument("--no-refiner", action="store_true", help="base only")
+    p.add_argument("--scheduler", default=None, help="sampler (default euler)")
+    p.add_argument("--prompt", default=None, help="the prompt")
+    p.add_argument("--seed", type=int, default=None, help="seed (default 0)")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the full result as JSON")
+    p.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="write a latency plot (PNG)")
+    p.set_defaults(func=cmd_bench)
+
+
+def parse_int_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise InvalidRequestError(f"cannot parse {what} {text!r}", f"write {what} as N or N,N,...") from None
+    if not values:
+        raise InvalidRequestError(f"empty {what}", f"write {what} as N or N,N,...")
+    return values
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise InvalidRequestError(f"cannot parse session option {text!r}", "write it as KEY=VALUE")
+    v: Any = value.strip()
+    if v.lstrip("-").isdigit():
+        v = int(v)
+    elif v.lower() in ("true", "false"):
+        v = v.lower() == "true"
+    return key.strip(), v
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    from .bench import BenchConfig, Variant
+    from .suites import SUITES
+
+    cfg = SUITES[args.suite].config() if args.suite else BenchConfig()
+    if args.model is not None:
+        cfg = replace(cfg, model=args.model, artifacts=None)
+    elif args.artifacts is not None:
+        cfg = replace(cfg, artifacts=args.artifacts, model=None)
+    elif cfg.model is None and cfg.artifacts is None:
+        cfg = replace(cfg, artifacts=DEFAULT_ARTIFACTS)
+    simple = {"refiner_source": args.refiner, "work_dir": args.work_dir, "buckets": args.buckets,
+              "steps": args.steps, "runs": args.runs, "warmup": args.warmup, "baseline": args.baseline,
+              "baseline_device": args.baseline_device, "torch_threads": args.torch_threads, "guidance_scale": args.guidance,
+              "denoising_end": args.denoising_end, "scheduler": args.scheduler, "prompt": args.prompt,
+              "seed": args.seed}
+    cfg = replace(cfg, **{k: v for k, v in simple.items() if v is not None})
+    if args.no_build:
+        cfg = replace(cfg, build=False)
+    if args.no_refiner:
+        cfg = replace(cfg, use_refiner=False)
+    if args.batch_sizes is not None:
+        cfg = replace(cfg, batch_sizes=parse_int_list(args.batch_sizes, "batch sizes"))
+    session = dict(parse_option(o) for o in args.session_option)
+    if args.backend is not None:
+        names = [b.strip() for b in args.backend.split(",") if b.strip()]
+        if not names:
+            raise InvalidRequestError("empty --backend", "pass e.g. --backend onnxruntime")
+        cfg = replace(cfg, variants=[Variant(n, backend=n) for n in names])
+    variants = []
+    for v in cfg.variants:
+        device = args.device or v.device
+        options = dict(v.options)
+        if session and v.backend in ("onnxruntime", "auto"):
+            options["session_options"] = {**options.get("session_options", {}), **session}
+        variants.append(replace(v, device=device, options=options))
+    return replace(cfg, variants=variants)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+    from .report import markdown_table, plot, write_json
+
+    cfg = config_from_args(args)
+    if args.suite:
+        from .suites import SUITES
+
+        SUITES[args.suite].check_machine()
+    result = run_bench(cfg)
+    if args.json is not None:
+        write_json(result, args.json)
+    if args.plot is not None:
+        plot(result, args.plot)
+    print(markdown_table(result))
+    if args.json is not None:
+        print(f"\nwrote {args.json}")
+    if args.plot is not None:
+        print(f"wrote {args.plot}")
+    return 0

@@ -1,0 +1,133 @@
+"""Benchmark output: the JSON file, a markdown table for humans, a PNG plot.
+
+The JSON is the complete record (machine, library versions, config, every figure); the
+table and the plot are views of it, so they can be regenerated from a saved JSON with
+:func:`markdown_table` / :func:`plot` without re-running anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..artifacts import atomic_write_bytes
+from ..errors import OutputDirError
+from .bench import BASELINE, SCHEMA
+
+#: Stage columns of the table: (stage key, header). UNet stages are per step.
+STAGE_COLUMNS = (
+    ("text_encoder", "TE1 ms"),
+    ("text_encoder_2", "TE2 ms"),
+    ("unet", "UNet/step ms"),
+    ("refiner_unet", "refiner/step ms"),
+    ("vae_decoder", "VAE dec ms"),
+)
+
+
+def write_json(result: dict[str, Any], path: str | Path) -> None:
+    path = Path(path)
+    try:
+        atomic_write_bytes(path, (json.dumps(result, indent=2, default=str) + "\n").encode())
+    except OSError as exc:
+        raise OutputDirError(f"cannot write {path} ({exc.strerror or exc})", "pass a writable --json FILE") from None
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    data = json.loads(Path(path).read_text())
+    if data.get("schema") != SCHEMA:
+        raise ValueError(f"{path} is not a sdxl-export benchmark result")
+    return data
+
+
+def _fmt(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """One row per (case, side): latency percentiles, throughput, stages, overhead, memory, speedup."""
+    head = ["bucket", "batch", "side", "p50 ms", "p90 ms", "p99 ms", "mean ± std ms", "img/s",
+            *(h for _, h in STAGE_COLUMNS), "overhead", "RSS MB", "speedup"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for case in result["cases"]:
+        speed = case.get("speedup_vs_baseline", {})
+        for side, r in case["results"].items():
+            e = r["end_to_end"]
+            stages = r["stages"]
+            cells = [case["bucket"], str(case["batch"]), side, _fmt(e["p50_ms"]), _fmt(e["p90_ms"]),
+                     _fmt(e["p99_ms"]), f"{e['mean_ms']:.1f} ± {e['std_ms']:.1f}", _fmt(r["images_per_second"], 3)]
+            cells += [_fmt(stages[k]["per_call_p50_ms"]) if k in stages else "-" for k, _ in STAGE_COLUMNS]
+            cells += [f"{r['overhead']['fraction_p50'] * 100:.2f}%", _fmt(r["memory"]["rss_peak_mb"], 0)]
+            s = speed.get(side, {}).get("end_to_end_p50")
+            cells.append("1.00x (baseline)" if side == BASELINE else f"{s:.2f}x" if s else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *summary_lines(result)]
+    return "\n".join(lines)
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """Parity, build times and the machine, one line each, under the table."""
+    out = []
+    for case in result["cases"]:
+        for side, p in case.get("parity", {}).items():
+            if p.get("comparable"):
+                out.append(f"- parity {case['bucket']} b{case['batch']} {side} vs {BASELINE}: max pixel diff "
+                           f"{p['max_pixel_diff_255']:.3f}/255, max latent diff {p['max_latent_diff']:.2e}"
+                           f" ({'within' if p['within_1_255'] else 'OUTSIDE'} 1/255)")
+            else:
+                out.append(f"- parity {case['bucket']} b{case['batch']} {side}: not comparable ({p.get('why')})")
+    b = result.get("build", {})
+    if b.get("export_seconds") is not None:
+        out.append(f"- export {b['export_seconds']:.1f} s" + (
+            f", build ({', '.join(b['built_backends'])}) {b['build_seconds']:.1f} s"
+            if b.get("build_seconds") is not None else ""))
+    m, c = result["machine"], result["config"]
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    out.append(f"- {c['steps']} steps, guidance {c['guidance_scale']}, refiner {c['use_refiner']} "
+               f"(denoising_end {c['denoising_end']}), {c['scheduler']}; {c['runs']} interleaved runs after "
+               f"{c['warmup']} warm-up; torch threads {c['torch_threads_used']}")
+    out.append(f"- {m['cpu']}, {m['physical_cores']} cores, {m['memory_gb']} GB{gpu}; load average "
+               f"{_fmt((m.get('load_average_at_start') or [None])[0], 2)} at start, "
+               f"{_fmt((m.get('load_average') or [None])[0], 2)} at end")
+    return out
+
+
+def plot(result: dict[str, Any], path: str | Path) -> None:
+    """Grouped bars: end-to-end p50 latency per case (bucket, batch) and side; whiskers to p90."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = result["cases"]
+    sides = list(dict.fromkeys(s for c in cases for s in c["results"]))
+    labels = [f"{c['bucket']}\nbatch {c['batch']}" for c in cases]
+    width = 0.8 / max(1, len(sides))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(cases) * max(1, len(sides)) / 2 + 2), 4.2))
+    for i, side in enumerate(sides):
+        xs, p50, err = [], [], []
+        for j, c in enumerate(cases):
+            r = c["results"].get(side)
+            if r is None:
+                continue
+            xs.append(j + (i - (len(sides) - 1) / 2) * width)
+            p50.append(r["end_to_end"]["p50_ms"] / 1e3)
+            err.append((r["end_to_end"]["p90_ms"] - r["end_to_end"]["p50_ms"]) / 1e3)
+        ax.bar(xs, p50, width, yerr=[[0] * len(err), err], capsize=3, label=side)
+    ax.set_xticks(range(len(cases)), labels)
+    ax.set_ylabel("end to end, seconds (p50, whisker p90)")
+    c = result["config"]
+    ax.set_title(f"SDXL base{'+refiner' if c['use_refiner'] else ''}, {c['steps']} steps: latency per bucket "
+                 f"and backend", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    except OSError as exc:
+        raise OutputDirError(f"cannot write {path} ({exc.strerror or exc})", "pass a writable --plot FILE.png") \
+            from None
+    finally:
+        plt.close(fig)

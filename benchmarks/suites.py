@@ -1,0 +1,80 @@
+"""Named benchmark suites: the settings each preset is benchmarked with.
+
+``tiny``   smoke test: proves the benchmark runs end to end (the test suite runs it).
+``small``  the CPU benchmark whose table goes in the README: 512x512, 20 steps,
+           base+refiner (denoising_end 0.8), guidance 5.0, Euler, vs diffusers eager fp32.
+``sdxl``   full-size architecture with random weights, GPU only: TensorRT and the torch
+           backend vs diffusers on the GPU, over three SDXL buckets.
+
+Run one::
+
+    sdxl-export bench --suite small --work-dir bench-small --json small.json --plot small.png
+    python -m sdxl_export.benchmarks.suites small --json small.json     # the same
+
+``--work-dir`` keeps the export and engines between runs (they are rebuilt only when
+the model or the code changed: export and build are incremental).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..errors import BackendUnavailableError
+from .bench import BenchConfig, Variant
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    config: Callable[[], BenchConfig]
+    needs_gpu: bool = False
+
+    def check_machine(self) -> None:
+        if not self.needs_gpu:
+            return
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BackendUnavailableError(f"the {self.name} suite needs a CUDA GPU and torch sees none",
+                                          "run it on a GPU machine, or use --suite small on CPU")
+
+
+SUITES: dict[str, Suite] = {
+    "tiny": Suite(
+        "tiny", "smoke test of the benchmark itself (seconds)",
+        lambda: BenchConfig(model="tiny", variants=[Variant("onnxruntime", backend="onnxruntime")], steps=4,
+                            runs=2, warmup=1),
+    ),
+    "small": Suite(
+        "small", "CPU: 512x512, 20 steps, base+refiner, guidance 5 vs diffusers eager fp32 (minutes)",
+        lambda: BenchConfig(model="small", variants=[Variant("onnxruntime", backend="onnxruntime", device="cpu")],
+                            steps=20, runs=5, warmup=1, baseline_device="cpu"),
+    ),
+    "sdxl": Suite(
+        "sdxl", "GPU: full-size SDXL (random weights), TensorRT and torch vs diffusers, three buckets",
+        lambda: BenchConfig(model="sdxl", variants=[Variant("tensorrt", backend="tensorrt", device="cuda"),
+                                                    Variant("torch", backend="torch", device="cuda")],
+                            buckets="1024x1024,832x1216,1216x832", steps=20, runs=5, warmup=2,
+                            baseline_device="cuda"),
+        needs_gpu=True,
+    ),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m sdxl_export.benchmarks.suites NAME [bench options]``."""
+    from ..cli import main as cli_main
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] not in SUITES:
+        print(f"usage: python -m sdxl_export.benchmarks.suites {{{','.join(SUITES)}}} [bench options]",
+              file=sys.stderr)
+        return 2
+    return cli_main(["bench", "--suite", *args])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
