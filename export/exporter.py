@@ -495,7 +495,8 @@ def load_export_manifest(artifacts: str | Path, *, verify: bool = False) -> dict
         raise ArtifactError(f"{out} holds an interrupted export (manifest complete=false)",
                             _fix_cmd(out) + " to finish it (finished components are kept)")
     if verify:
-        for name, rec in {**comps, **assets}.items():
+        records: dict[str, Any] = {**comps, **assets}  # type: ignore[dict-item]  # both checked above
+        for name, rec in records.items():
             verify_files(out, rec.get("files") or {}, name)
     return m
 

@@ -103,7 +103,8 @@ def make_tokenizers(max_length: int = 77) -> tuple[Any, Any]:
     """
     from transformers import CLIPTokenizer
 
-    vocab, merges = build_vocab()
-    tok1 = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=EOS, model_max_length=max_length)
-    tok2 = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token="!", model_max_length=max_length)
+    vocab, pairs = build_vocab()
+    merges: Any = list(pairs)  # the BPE backend takes (a, b) tuples; the stubs say list[str]
+    tok1 = CLIPTokenizer(vocab=dict(vocab), merges=merges, pad_token=EOS, model_max_length=max_length)
+    tok2 = CLIPTokenizer(vocab=dict(vocab), merges=merges, pad_token="!", model_max_length=max_length)
     return tok1, tok2

@@ -89,8 +89,8 @@ class SDXLModel:
 
     def dims(self) -> ModelDims:
         return dims_from_configs(
-            self.text_encoder.config.to_dict(), self.text_encoder_2.config.to_dict(), dict(self.unet.config),
-            dict(self.vae.config), dict(self.refiner_unet.config) if self.refiner_unet is not None else None,
+            _config_dict(self.text_encoder), _config_dict(self.text_encoder_2), _config_dict(self.unet),
+            _config_dict(self.vae), _config_dict(self.refiner_unet) if self.refiner_unet is not None else None,
         )
 
     # ---- diffusers pipelines over the very same weights (the reference) -------------
@@ -133,6 +133,12 @@ class SDXLModel:
         self.base_pipeline().save_pretrained(str(base_dir), safe_serialization=True)
         if refiner_dir is not None and self.refiner_unet is not None:
             self.refiner_pipeline().save_pretrained(str(refiner_dir), safe_serialization=True)
+
+
+def _config_dict(module: Any) -> dict[str, Any]:
+    """A transformers (PretrainedConfig) or diffusers (FrozenDict) module config as a dict."""
+    cfg = module.config
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
 
 # ---- dims and SDXL checks, from configs alone ------------------------------------------------
@@ -278,8 +284,7 @@ class ModelSource:
         """
         origin, where = self.origins[part]
         if origin == "loaded":
-            mod = getattr(where, part)
-            return mod.config.to_dict() if hasattr(mod.config, "to_dict") else dict(mod.config)
+            return _config_dict(getattr(where, part))
         if origin == "preset":
             cfg = dict(getattr(_presets.get_preset(where), part))
             if part.startswith("text_encoder"):
@@ -377,7 +382,7 @@ def _build_preset_part(name: str, part: str) -> Any:
     log.info("building %s of preset %r (seeded weights, no download)", part, name)
     torch.manual_seed(cfg.seed * 1000 + PRESET_SEED_OFFSETS[part])
     if part == "text_encoder":
-        mod: torch.nn.Module = CLIPTextModel(CLIPTextConfig(vocab_size=_preset_vocab_size(name), **cfg.text_encoder))
+        mod: Any = CLIPTextModel(CLIPTextConfig(vocab_size=_preset_vocab_size(name), **cfg.text_encoder))
     elif part == "text_encoder_2":
         mod = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=_preset_vocab_size(name), **cfg.text_encoder_2))
     elif part == "vae":
