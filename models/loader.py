@@ -338,16 +338,37 @@ class ModelSource:
     def from_model(cls, model: SDXLModel) -> ModelSource:
         """Wrap an already loaded model; its recorded ``source`` gives the fingerprints.
 
-        A model modified after loading keeps its old fingerprint: export a fresh one.
+        A model modified after loading keeps its old fingerprint: export a fresh one. A
+        model with no recorded source (built by hand) is fingerprinted from its content.
         """
         parts = BASE_PARTS + (REFINER_PARTS if model.has_refiner else ())
         src = dict(model.source)
         recorded = src.get("parts") or {}
-        whole = src.get("fingerprint") or ""
-        fps = {p: recorded.get(p) or _sha([whole, p]) for p in parts}
+        whole = src.get("fingerprint")
+        fps = {p: recorded.get(p) or (_sha([whole, p]) if whole else content_fingerprint(model, p)) for p in parts}
         return cls(kind=str(src.get("kind", "loaded")), id=str(src.get("id", "in-memory model")),
                    refiner=src.get("refiner") if model.has_refiner else None,
                    origins={p: ("loaded", model) for p in parts}, fingerprints=fps)
+
+
+def content_fingerprint(model: SDXLModel, part: str) -> str:
+    """sha256 of one part's content: every weight's bytes, a tokenizer's vocab, a config."""
+    obj = getattr(model, {"scheduler": "scheduler_config", "refiner_scheduler": "refiner_scheduler_config"}.get(
+        part, part))
+    h = hashlib.sha256(part.encode())
+    if hasattr(obj, "state_dict"):
+        import torch
+
+        h.update(json.dumps(_config_dict(obj), sort_keys=True, default=str).encode())
+        for name, tensor in sorted(obj.state_dict().items()):
+            h.update(name.encode())
+            h.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    elif hasattr(obj, "get_vocab"):
+        h.update(json.dumps([obj.get_vocab(), obj.pad_token, obj.model_max_length], sort_keys=True).encode())
+    else:
+        h.update(json.dumps(obj, sort_keys=True, default=str).encode())
+    return h.hexdigest()
 
 
 def _read_config(read: Any, where: Path) -> dict[str, Any]:

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures import tiny_diffusers_folders as saved_folders
-
 from sdxl_export import errors
 from sdxl_export.models import build_preset, load_model
 from sdxl_export.models.loader import ModelSource, dims_from_configs, resolve_source
@@ -213,3 +212,16 @@ def test_non_sdxl_configs_are_refused():
     dims = dims_from_configs(te1, te2, cfg.unet, cfg.vae, cfg.refiner_unet)
     assert (dims.unet_time_ids, dims.refiner_time_ids, dims.vae_scale) == (6, 5, 8)
     assert json.loads(json.dumps(dims.to_dict())) == dims.to_dict()
+
+
+def test_a_model_without_recorded_source_is_fingerprinted_by_content(tiny_model):
+    import dataclasses
+
+    anonymous = dataclasses.replace(tiny_model, source={})
+    fps = ModelSource.from_model(anonymous).fingerprints
+    assert fps == ModelSource.from_model(dataclasses.replace(tiny_model, source={})).fingerprints
+    other = build_preset("tiny", with_refiner=False)
+    with torch.no_grad():
+        other.unet.conv_out.bias += 1.0
+    changed = ModelSource.from_model(dataclasses.replace(other, source={})).fingerprints
+    assert {p for p in changed if changed[p] != fps[p]} == {"unet"}
