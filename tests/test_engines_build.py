@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_engines import copy_artifacts, exported_tiny, file_mtimes, run_cli
+from conftest_engines import copy_artifacts, file_mtimes, run_cli
 from sdxl_export.artifacts import ENGINE_DIR, FORMAT_ENGINES
 from sdxl_export.engines import ort_builder
 from sdxl_export.engines.store import GpuInfo, load_engine_store
@@ -24,10 +24,10 @@ VAES = {"vae_decoder", "vae_encoder"}
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, tiny_artifacts):
     """``sdxl-export build --fp16`` with no other argument, in a fresh working directory."""
     work = tmp_path_factory.mktemp("fresh-machine")
-    copy_artifacts(exported_tiny(tmp_path_factory), work / "sdxl-artifacts")  # the export step finds it done
+    copy_artifacts(tiny_artifacts, work / "sdxl-artifacts")  # the export step finds it done
     old = os.getcwd()
     os.chdir(work)
     try:

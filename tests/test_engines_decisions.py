@@ -13,7 +13,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest_engines import exported_tiny
 from sdxl_export.buckets import buckets_for
 from sdxl_export.engines.build import BuildOptions, decide, make_plan, trt_target, wanted_engines
 from sdxl_export.engines.planner import plan_profiles
@@ -27,8 +26,8 @@ TEXT = {"text_encoder", "text_encoder_2"}
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    root = exported_tiny(tmp_path_factory)
+def export(tiny_artifacts):
+    root = tiny_artifacts
     return root, json.loads((root / "manifest.json").read_text())
 
 
