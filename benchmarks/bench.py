@@ -223,10 +223,11 @@ def _torch_threads_set(n: int | None) -> Iterator[None]:
 
 
 def _run(cfg: BenchConfig) -> dict[str, Any]:
+    from ..runtime import SDXLPipeline, read_artifacts
+
     started = machine_info()
     artifacts, build_timing = prepare_artifacts(cfg)
-    from ..runtime import SDXLPipeline
-
+    sizes = case_buckets(cfg, read_artifacts(artifacts, with_refiner=cfg.use_refiner).native_size)
     pipes: dict[str, Any] = {}
     load_seconds: dict[str, float] = {}
     baseline = None
@@ -238,11 +239,8 @@ def _run(cfg: BenchConfig) -> dict[str, Any]:
             load_seconds[v.name] = time.perf_counter() - t0
         if cfg.baseline == "diffusers":
             baseline, load_seconds[BASELINE] = _open_baseline(artifacts, cfg)
-        first = next(iter(pipes.values()))
-        cases = []
-        for height, width in case_buckets(cfg, first.native_size):
-            for batch in cfg.batch_sizes:
-                cases.append(_run_case(cfg, pipes, baseline, height, width, int(batch)))
+        cases = [_run_case(cfg, pipes, baseline, height, width, int(batch))
+                 for height, width in sizes for batch in cfg.batch_sizes]
         descriptions = {name: p.description for name, p in pipes.items()}
     finally:
         for p in pipes.values():
