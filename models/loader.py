@@ -52,6 +52,8 @@ REFINER_PARTS = ("refiner_unet", "refiner_scheduler")
 PART_FOLDERS = {p: p for p in BASE_PARTS} | {"refiner_unet": "unet", "refiner_scheduler": "scheduler"}
 #: Seed offsets of the embedded presets' modules (``torch.manual_seed(seed * 1000 + offset)``).
 PRESET_SEED_OFFSETS = {"text_encoder": 1, "text_encoder_2": 2, "unet": 3, "vae": 4, "refiner_unet": 5}
+#: Config entries that bookkeeping changes (save_pretrained sets architectures/dtype), not the model.
+VOLATILE_CONFIG_KEYS = ("architectures", "dtype", "torch_dtype", "transformers_version", "name_or_path")
 #: SDXL's micro-conditioning: 6 time ids for the base, 5 (aesthetic score) for the refiner.
 BASE_TIME_IDS, REFINER_TIME_IDS = 6, 5
 
@@ -359,7 +361,8 @@ def content_fingerprint(model: SDXLModel, part: str) -> str:
     if hasattr(obj, "state_dict"):
         import torch
 
-        h.update(json.dumps(_config_dict(obj), sort_keys=True, default=str).encode())
+        cfg = {k: v for k, v in _config_dict(obj).items() if not k.startswith("_") and k not in VOLATILE_CONFIG_KEYS}
+        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
         for name, tensor in sorted(obj.state_dict().items()):
             h.update(name.encode())
             h.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())

@@ -8,6 +8,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -219,6 +220,8 @@ def test_a_model_without_recorded_source_is_fingerprinted_by_content(tiny_model)
 
     anonymous = dataclasses.replace(tiny_model, source={})
     fps = ModelSource.from_model(anonymous).fingerprints
+    with tempfile.TemporaryDirectory() as tmp:  # saving touches the config (architectures, dtype)
+        tiny_model.text_encoder.save_pretrained(tmp)
     assert fps == ModelSource.from_model(dataclasses.replace(tiny_model, source={})).fingerprints
     other = build_preset("tiny", with_refiner=False)
     with torch.no_grad():
