@@ -22,7 +22,8 @@ Data path: CPU runs hand ORT numpy *views* of the torch tensors (no copy in) and
 the outputs with ``torch.from_numpy`` (no copy out). CUDA runs use IO binding: inputs
 are bound by device pointer, outputs are preallocated torch tensors, and the session
 runs on torch's current CUDA stream (``user_compute_stream``), so there is no host
-round trip and no cross-stream race. ``InferenceSession.run`` is thread-safe; an IO
+round trip and no cross-stream race. The same binding path runs on CPU with the option
+``io_binding=True`` (that is how it is tested on machines without a GPU). ``InferenceSession.run`` is thread-safe; an IO
 binding is made per call, so one runner serves several threads at once.
 """
 
@@ -60,7 +61,7 @@ DEFAULT_SESSION_OPTIONS: dict[str, Any] = {
     "session.intra_op.allow_spinning": "0",
 }
 
-KNOWN_OPTIONS = frozenset({"session_options"})
+KNOWN_OPTIONS = frozenset({"session_options", "io_binding"})
 
 #: Keys the engine builder records with a twin that describe it rather than configure
 #: ``SessionOptions`` (kept in the description, not applied).
@@ -144,7 +145,7 @@ class OrtRunner(ComponentRunner):
 
     def __init__(self, spec: ComponentSpec, model_path: Path, *, device: str = "cpu",
                  session_options: Mapping[str, Any] | None = None, engine_entry: Any | None = None,
-                 source: str = "export"):
+                 source: str = "export", io_binding: bool | None = None):
         super().__init__(spec)
         self.model_path = Path(model_path)
         self.device = torch.device(device)
@@ -155,6 +156,9 @@ class OrtRunner(ComponentRunner):
         self._session: Any = None
         self._providers: list[str] = []
         self._output_names = list(spec.output_names)
+        self._outputs_by_name = {t.name: t for t in spec.outputs}
+        #: Default: on CUDA (no host round trip); on CPU plain ``run`` on zero-copy views.
+        self.io_binding = self.device.type == "cuda" if io_binding is None else bool(io_binding)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def _open_impl(self) -> None:
@@ -230,29 +234,29 @@ class OrtRunner(ComponentRunner):
 
     # ---- calls ---------------------------------------------------------------------------------
     def _run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.device.type == "cuda":
-            return self._run_cuda(feeds)
+        if self.io_binding:
+            return self._run_bound(feeds)
         arrays = {name: _numpy_view(x) for name, x in feeds.items()}
         outs = self._session.run(self._output_names, arrays)
         return {name: torch.from_numpy(o) for name, o in zip(self._output_names, outs)}
 
-    def _run_cuda(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _run_bound(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """IO binding: inputs by pointer on this runner's device, outputs preallocated there."""
         binding = self._session.io_binding()
-        index = self.device.index or 0
-        keep = []  # inputs moved here must outlive the run
+        kind, index = self.device.type, self.device.index or 0
+        keep = []  # tensors moved or made contiguous here must outlive the run
         for t in self.spec.inputs:
             x = feeds[t.name]
             if x.device != self.device or not x.is_contiguous():
                 x = x.to(self.device).contiguous()
             keep.append(x)
-            binding.bind_input(t.name, "cuda", index, t.np_dtype.type, tuple(x.shape), x.data_ptr())
+            binding.bind_input(t.name, kind, index, t.np_dtype.type, tuple(x.shape), x.data_ptr())
         outs: dict[str, torch.Tensor] = {}
-        shapes = self._output_shapes(feeds)
-        for t in self.spec.outputs:
-            shape = shapes[t.name]
+        for name, shape in self._output_shapes(feeds).items():
+            t = self._outputs_by_name[name]
             y = torch.empty(shape, dtype=_TORCH_DTYPES[t.dtype], device=self.device)
-            binding.bind_output(t.name, "cuda", index, t.np_dtype.type, shape, y.data_ptr())
-            outs[t.name] = y
+            binding.bind_output(name, kind, index, t.np_dtype.type, shape, y.data_ptr())
+            outs[name] = y
         self._session.run_with_iobinding(binding)
         del keep
         return outs
@@ -269,7 +273,7 @@ class OrtRunner(ComponentRunner):
             "device": str(self.device),
             "providers": list(self._providers),
             "session_options": dict(self._resolved or self._options),
-            "io_binding": self.device.type == "cuda",
+            "io_binding": self.io_binding,
             "precision": getattr(self.engine_entry, "precision", "fp32"),
         })
         if self.engine_entry is not None and getattr(self.engine_entry, "profiles", None):
@@ -291,17 +295,19 @@ def create(ctx: ComponentContext) -> OrtRunner:
     """Open ``ctx.name`` from its ORT twin engine when one was built, else from the export.
 
     Options (``ctx.options``): ``session_options``, a dict applied over the defaults and
-    over the twin's recorded options (see :func:`build_session_options`).
+    over the twin's recorded options (see :func:`build_session_options`); ``io_binding``
+    (default: on for CUDA, off for CPU).
     """
     unknown = set(ctx.options) - KNOWN_OPTIONS
     if unknown:
         raise InvalidRequestError(f"unknown onnxruntime backend option(s) {sorted(unknown)}",
                                   f"use only {sorted(KNOWN_OPTIONS)}")
     user = dict(ctx.options.get("session_options") or {})
+    binding = ctx.options.get("io_binding")
     entry = ctx.engine_entry
     if entry is not None and getattr(entry, "backend", None) == NAME:
         opts = {**dict(getattr(entry, "session_options", {}) or {}), **user}
         return OrtRunner(ctx.spec, Path(entry.path), device=ctx.device, session_options=opts,
-                         engine_entry=entry, source="engine (onnxruntime twin)")
+                         engine_entry=entry, source="engine (onnxruntime twin)", io_binding=binding)
     path = ctx.artifacts / ctx.export_entry["file"]
-    return OrtRunner(ctx.spec, path, device=ctx.device, session_options=user, source="export")
+    return OrtRunner(ctx.spec, path, device=ctx.device, session_options=user, source="export", io_binding=binding)

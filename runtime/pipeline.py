@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -54,6 +55,13 @@ class SDXLPipelineOutput:
     timings: StageTimings
     seed: int | None
     info: dict[str, Any] = field(default_factory=dict)
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """NaN/Inf check; on CPU through numpy (single-threaded, no wake-up of torch's pool)."""
+    if x.device.type == "cpu":
+        return bool(np.isfinite(x.detach().numpy()).all())
+    return bool(torch.isfinite(x).all())
 
 
 def choose_backend(name: str, store: Any | None) -> str:
@@ -229,7 +237,7 @@ class SDXLPipeline:
         refiner_steps = 0
         if req.refiner:
             latents, refiner_steps = self._refine(req, enc, latents, timings)
-        if not torch.isfinite(latents).all():
+        if not _all_finite(latents):
             raise NumericalError("the UNets produced NaN/Inf latents",
                                  "run the UNets in fp32 or rebuild their engines with --precision fp32")
         images = latents if req.output_type == "latent" else self._decode(latents, req.output_type, timings)
@@ -331,7 +339,7 @@ class SDXLPipeline:
             lat = lat / vae.scaling_factor
         with timings.measure("vae_decoder"):
             image = self.runners["vae_decoder"]({"latent": lat.contiguous()})["images"]
-        if not torch.isfinite(image).all():
+        if not _all_finite(image):
             raise NumericalError(
                 "the VAE decode produced NaN/Inf (it would be a black image)",
                 "decode in fp32: rebuild the vae_decoder engine with --precision fp32, or use an fp16-fixed VAE",

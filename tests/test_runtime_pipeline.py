@@ -200,3 +200,25 @@ def test_nan_is_a_named_error_never_a_black_image(tiny_artifacts, component):
         with pytest.raises(NumericalError) as err:
             p("a cat", num_inference_steps=2, seed=0)
         assert "fp32" in err.value.hint
+
+
+# ---- IO binding (the CUDA data path, exercised on CPU) ------------------------------------------
+def test_io_binding_runner_equals_plain_run(tiny_artifacts, pipe):
+    spec = pipe.runners["unet"].spec
+    path = tiny_artifacts / "onnx/unet/model.onnx"
+    feeds = {k: torch.from_numpy(v) for k, v in spec.example_inputs(2, 192, 320, seed=4).items()}
+    feeds["sample"] = feeds["sample"].transpose(2, 3).contiguous().transpose(2, 3)  # not contiguous
+    with OrtRunner(spec, path) as plain, OrtRunner(spec, path, io_binding=True) as bound:
+        assert bound.description["io_binding"] is True and plain.description["io_binding"] is False
+        want = plain(feeds)["noise_pred"]
+        got = bound(feeds)["noise_pred"]
+    assert got.shape == (2, 4, 24, 40) and torch.equal(got, want)
+
+
+def test_io_binding_pipeline_equals_default(tiny_artifacts, pipe):
+    kw = {"num_inference_steps": 3, "seed": 2, "output_type": "latent", "height": 128, "width": 512}
+    with SDXLPipeline.from_artifacts(tiny_artifacts, backend="onnxruntime", device="cpu",
+                                     backend_options={"io_binding": True}) as bound:
+        assert all(d["io_binding"] for d in bound.description["components"].values())
+        got = bound(["a cat", "a dog"], **kw).latents
+    assert torch.equal(got, pipe(["a cat", "a dog"], **kw).latents)
