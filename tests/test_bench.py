@@ -141,3 +141,18 @@ def test_percentiles_are_nearest_rank():
     s = summarize(values)
     assert s["p50_ms"] == pytest.approx(3.0) and s["min_ms"] == pytest.approx(1.0) and s["max_ms"] == pytest.approx(5.0)
     assert s["std_ms"] == pytest.approx(1.5811, rel=1e-3)
+
+
+def test_step_bench_compares_ort_configs_with_torch(tiny_artifacts):
+    from sdxl_export.benchmarks.step_bench import CONFIGS, markdown, run_step_bench
+
+    chosen = [c for c in CONFIGS if c.name in ("ort disable_all", "ort all + static shapes",
+                                               "twin(extended) opened all")]
+    result = run_step_bench(tiny_artifacts, "unet", rounds=2, clock="thread", configs=chosen)
+    assert (result["height"], result["width"], result["batch"]) == (256, 256, 2)
+    rows = {r["config"]: r for r in result["rows"]}
+    assert list(rows) == ["torch eager fp32", *(c.name for c in chosen)]
+    for r in rows.values():
+        assert len(r["runs_ms"]) == 2 and r["median_ms"] > 0 and r["speedup_vs_torch"] > 0
+        assert r["max_abs_error"] <= 2e-4, r  # the unet spec's tolerance: every config computes the same
+    assert "| ort all + static shapes |" in markdown(result)
