@@ -22,6 +22,13 @@ STEPS = 3
 LONG_PROMPT = " ".join(["a very detailed intricate baroque painting of a cathedral"] * 12)
 
 
+@pytest.fixture()
+def logs(caplog, monkeypatch):
+    """caplog, also when the CLI (run earlier in the session) stopped sdxl_export propagating."""
+    monkeypatch.setattr(logging.getLogger("sdxl_export"), "propagate", True)
+    return caplog
+
+
 @pytest.fixture(scope="module")
 def pipe(tiny_artifacts):
     with SDXLPipeline.from_artifacts(tiny_artifacts, backend="onnxruntime", device="cpu") as p:
@@ -111,11 +118,11 @@ def test_empty_prompt_works(pipe):
     assert np.isfinite(out.images).all() and out.images.std() > 0
 
 
-def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
+def test_long_prompt_is_truncated_with_a_warning(pipe, logs):
     kw: dict[str, Any] = {"num_inference_steps": 2, "seed": 3, "output_type": "latent"}
-    with caplog.at_level(logging.WARNING, logger="sdxl_export"):
+    with logs.at_level(logging.WARNING, logger="sdxl_export"):
         a = pipe(LONG_PROMPT, **kw)
-    assert any("truncated" in r.getMessage() for r in caplog.records)
+    assert any("truncated" in r.getMessage() for r in logs.records)
     b = pipe(LONG_PROMPT + " with a completely different ending", **kw)
     assert torch.equal(a.latents, b.latents)  # only the first 77 tokens count
 
@@ -132,12 +139,12 @@ def test_nearest_size_maps_to_a_bucket(pipe):
     assert any((b.height, b.width) == (h, w) for b in buckets_for(256)) and h < w
 
 
-def test_backend_auto_is_onnxruntime_here_and_says_so(tiny_artifacts, caplog):
-    with caplog.at_level(logging.INFO, logger="sdxl_export"):
+def test_backend_auto_is_onnxruntime_here_and_says_so(tiny_artifacts, logs):
+    with logs.at_level(logging.INFO, logger="sdxl_export"):
         p = SDXLPipeline.from_artifacts(tiny_artifacts, load_refiner=False)
     with p:
         assert p.backend == "onnxruntime" and not p.has_refiner
-        assert any("backend auto -> onnxruntime" in r.getMessage() for r in caplog.records)
+        assert any("backend auto -> onnxruntime" in r.getMessage() for r in logs.records)
 
 
 def test_description_records_session_options(pipe):
