@@ -108,8 +108,9 @@ def prepare_out_dir(out: Path) -> dict[str, Any] | None:
     """Check, without writing, that ``out`` can hold our artifacts; return its manifest if any.
 
     Refuses a file and a non-empty folder that is not ours (we never write into, or
-    delete from, somebody else's folder). An unreadable or interrupted manifest of ours
-    is returned as None / as is: the export redoes what it cannot trust.
+    delete from, somebody else's folder). An unreadable manifest of ours (corrupt JSON,
+    older format) is returned as ``{}`` and an interrupted one as is: the export keeps
+    only records whose key and file hashes still match, and redoes the rest.
     """
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"output {out} is a file", "pass a folder path to --out")
@@ -257,11 +258,11 @@ def export_model(
     source = ModelSource.from_model(model) if isinstance(model, SDXLModel) else resolve_source(
         model, refiner=refiner, with_refiner=with_refiner)
     out = Path(out_dir)
-    prepare_out_dir(out)  # refuse a foreign folder before creating or locking anything
+    previous = prepare_out_dir(out)  # refuse a foreign folder before creating or locking anything
     plan = ExportPlan(source, opset, validate, torch_weights)
     with _writable_locked(out) as created:
         try:
-            return _export(plan, out, prepare_out_dir(out), progress)
+            return _export(plan, out, previous, progress)
         except BaseException:
             if created and not (out / EXPORT_MANIFEST).exists():
                 shutil.rmtree(out, ignore_errors=True)  # nothing of this run is trustworthy
