@@ -159,8 +159,8 @@ class SDXLPipeline:
 
     def _check_conditioning_dims(self) -> None:
         specs = self.artifacts.specs
-        h1 = specs["text_encoder"].outputs[0].shape[-1]
-        h2 = specs["text_encoder_2"].outputs[0].shape[-1]
+        h1 = int(specs["text_encoder"].outputs[0].shape[-1])
+        h2 = int(specs["text_encoder_2"].outputs[0].shape[-1])
         problems = []
         unet_in = {t.name: t for t in specs["unet"].inputs}
         if unet_in["encoder_hidden_states"].shape[-1] != h1 + h2:

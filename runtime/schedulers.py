@@ -15,7 +15,6 @@ logic of ``StableDiffusionXLPipeline.__call__`` (the ``denoising_end`` cut-off) 
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -86,9 +85,15 @@ class SchedulerFactory:
         return copy.deepcopy(proto)
 
 
-@functools.cache
-def _step_params(cls: type) -> frozenset[str]:
-    return frozenset(inspect.signature(cls.step).parameters)
+_STEP_PARAMS: dict[type, frozenset[str]] = {}
+
+
+def _step_params(cls: Any) -> frozenset[str]:
+    """The parameters of ``cls.step``, introspected once per class."""
+    params = _STEP_PARAMS.get(cls)
+    if params is None:
+        params = _STEP_PARAMS.setdefault(cls, frozenset(inspect.signature(cls.step).parameters))
+    return params
 
 
 def step_kwargs(scheduler: Any, generator: Any, eta: float = 0.0) -> dict[str, Any]:
