@@ -143,6 +143,10 @@ class SDXLPipeline:
                 entry = None
                 if store is not None and getattr(store.entries.get(name), "backend", None) == chosen:
                     entry = store.verify(name)  # named error before any deserialisation
+                    if name == "vae_decoder" and getattr(entry, "precision", "fp32") != "fp32":
+                        log.warning("the vae_decoder engine runs in %s: SDXL's VAE can overflow below fp32 "
+                                    "(NaN is caught and reported); rebuild with --vae-precision fp32",
+                                    entry.precision)
                 ctx = ComponentContext(artifacts=arts.root, name=name, spec=arts.specs[name],
                                        export_entry=arts.component(name), engine_entry=entry, device=dev,
                                        options=dict(backend_options or {}))
@@ -215,6 +219,19 @@ class SDXLPipeline:
         crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
         aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5, output_type: str = "pil",
     ) -> SDXLPipelineOutput:
+        """Generate images; arguments mean what they mean in diffusers' SDXL pipelines.
+
+        ``prompt``/``negative_prompt``: text or lists (a batch); ``negative_prompt=None`` is
+        SDXL's zero negative conditioning on the base and ``""`` on the refiner.
+        ``height``/``width``: multiples of 8, default the model's native size.
+        ``refiner``: the base denoises down to ``denoising_end`` and the refiner continues
+        from there on the latents (``denoising_end`` is ignored without the refiner).
+        ``seed=S`` is ``generator=torch.Generator("cpu").manual_seed(S)`` (one generator,
+        carried from base into refiner); neither draws a seed, reported as ``.seed``.
+        ``original_size``/``crops_coords_top_left``/``target_size`` condition both stages
+        (as when passed to both diffusers pipelines); the aesthetic scores the refiner.
+        ``output_type``: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+        """
         t0 = time.perf_counter()
         req = check_request(
             prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
