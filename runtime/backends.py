@@ -12,11 +12,13 @@ import importlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendUnavailableError, InvalidRequestError
 from ..specs import ComponentSpec
-from .backend import ComponentRunner
+
+if TYPE_CHECKING:
+    from .backend import ComponentRunner
 
 log = logging.getLogger(__name__)
 
