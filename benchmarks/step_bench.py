@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,9 @@ class OrtConfig:
     #: offline at <level> (what ``sdxl-export build`` does), opened at ``level``.
     graph: str = "export"
     config_entries: dict[str, str] = field(default_factory=dict)
+    #: > 1: split the batch into this many chunks run concurrently by one-thread sessions
+    #: (the ``batch_parallel`` runner option proposed for the ORT backend). Wall clock only.
+    lanes: int = 1
     note: str = ""
 
 
@@ -69,6 +73,8 @@ CONFIGS: tuple[OrtConfig, ...] = (
     OrtConfig("ort all + static shapes", level="all", static_shapes=True, note="free-dim overrides per bucket"),
     OrtConfig("ort all + spinning", level="all", spinning=True, note="intra-op workers busy-wait"),
     OrtConfig("ort all, 1 thread", level="all", threads=1),
+    OrtConfig("ort all, batch split 2 x 1 thread", level="all", lanes=2,
+              note="CFG halves concurrently in two one-thread sessions"),
     OrtConfig("twin(extended) opened disable_all", graph="twin:extended", level="disable",
               note="what `build` writes and the runtime opens today"),
     OrtConfig("twin(extended) opened all", graph="twin:extended", level="all",
@@ -82,7 +88,7 @@ def _session_options(cfg: OrtConfig, dims: dict[str, int], force_threads: int | 
     so = ort.SessionOptions()
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[cfg.level])
     so.log_severity_level = 3
-    threads = force_threads if force_threads is not None else cfg.threads
+    threads = force_threads if force_threads is not None else (1 if cfg.lanes > 1 else cfg.threads)
     if threads:
         so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -107,6 +113,23 @@ def save_twin(source: Path, out: Path, level: str) -> Path:
     so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(str(source), so, providers=["CPUExecutionProvider"])
     return out
+
+
+def lane_call(sessions: list[Any], feeds: dict[str, np.ndarray], batched: set[str], pool: Any) -> Callable[[], Any]:
+    """Run equal batch chunks of ``feeds`` concurrently, one per session; concatenate outputs."""
+    n = len(sessions)
+    batch = next(feeds[k] for k in batched).shape[0]
+    if batch % n:
+        raise InvalidRequestError(f"batch {batch} does not split into {n} lanes", "use an even --batch")
+    step = batch // n
+    chunks = [{k: a[i * step:(i + 1) * step] if k in batched else a for k, a in feeds.items()} for i in range(n)]
+
+    def call() -> list[np.ndarray]:
+        futures = [pool.submit(s.run, None, c) for s, c in zip(sessions, chunks)]
+        parts = [f.result() for f in futures]
+        return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+
+    return call
 
 
 def interleaved(calls: dict[str, Callable[[], Any]], rounds: int, clock: Callable[[], float]) -> dict[str, list[float]]:
@@ -162,7 +185,11 @@ def run_step_bench(artifacts: str | Path, component: str = "unet", height: int |
         calls: dict[str, Callable[[], Any]] = {"torch eager fp32": run_torch}
         errors: dict[str, float] = {"torch eager fp32": 0.0}
         load_s: dict[str, float] = {}
-        with tempfile.TemporaryDirectory(prefix="step-bench-") as tmp:
+        batched = {t.name for t in spec.inputs if t.shape and t.shape[0] == "batch"}
+        pool = ThreadPoolExecutor(max(c.lanes for c in configs) if configs else 1)
+        if clock == "thread":
+            configs = [c for c in configs if c.lanes == 1]  # lane threads' CPU time is not the caller's
+        with pool, tempfile.TemporaryDirectory(prefix="step-bench-") as tmp:
             twins: dict[str, Path] = {}
             for cfg in configs:
                 path = arts.onnx_path(component)
@@ -172,12 +199,15 @@ def run_step_bench(artifacts: str | Path, component: str = "unet", height: int |
                         twins[lvl] = save_twin(path, Path(tmp) / f"twin-{lvl}.onnx", lvl)
                     path = twins[lvl]
                 t0 = time.perf_counter()
-                sess = ort.InferenceSession(str(path), _session_options(cfg, dims, force),
-                                            providers=["CPUExecutionProvider"])
+                sessions = [ort.InferenceSession(str(path), _session_options(cfg, dims, force),
+                                                 providers=["CPUExecutionProvider"]) for _ in range(cfg.lanes)]
                 load_s[cfg.name] = time.perf_counter() - t0
-                outs = sess.run(None, feeds)
+                if cfg.lanes > 1:
+                    calls[cfg.name] = lane_call(sessions, feeds, batched, pool)
+                else:
+                    calls[cfg.name] = (lambda s=sessions[0]: s.run(None, feeds))
+                outs = calls[cfg.name]()
                 errors[cfg.name] = max(float(np.abs(o - r).max()) for o, r in zip(outs, reference))
-                calls[cfg.name] = (lambda s=sess: s.run(None, feeds))
             for call in calls.values():  # one warm-up each, outside the measurement
                 call()
             times = interleaved(calls, rounds, timer)
