@@ -301,6 +301,10 @@ class GraphCache:
                 caller.wait_stream(side)
             static_outputs = dict(outputs)
         except RuntimeError as exc:
+            # A failed capture can leave its stream/pool unusable for the next capture:
+            # start the next one on fresh ones (graphs captured before keep their memory).
+            self._pool = None
+            self._stream = None
             raise GraphCaptureError(
                 f"{self.name}: could not capture a CUDA graph for {_describe(key)}: {exc}",
                 "run with CUDA graphs disabled (cuda_graphs=False); the call is not capturable",
