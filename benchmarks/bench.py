@@ -167,7 +167,8 @@ def _resolve_device(device: str) -> str:
 
 def prepare_artifacts(cfg: BenchConfig) -> tuple[Path, dict[str, Any]]:
     """The artifact folder to benchmark, exporting and building it first for ``--model``."""
-    timing: dict[str, Any] = {"export_seconds": None, "build_seconds": None, "built_backends": []}
+    timing: dict[str, Any] = {"export_seconds": None, "build_seconds": None, "built_backends": [],
+                              "up_to_date": None}
     if cfg.artifacts is not None:
         return Path(cfg.artifacts), timing
     from ..engines.build import BuildOptions, build
@@ -179,6 +180,7 @@ def prepare_artifacts(cfg: BenchConfig) -> tuple[Path, dict[str, Any]]:
     t0 = time.perf_counter()
     manifest = export_model(cfg.model, out, refiner=cfg.refiner_source, with_refiner=cfg.use_refiner)
     timing["export_seconds"] = time.perf_counter() - t0
+    fresh = [bool(manifest.get("up_to_date"))]
     if cfg.build:
         native = int(manifest["native_size"])
         buckets = ",".join(f"{h}x{w}" for h, w in case_buckets(cfg, native))
@@ -190,7 +192,10 @@ def prepare_artifacts(cfg: BenchConfig) -> tuple[Path, dict[str, Any]]:
                                         out=out, backend=backend, buckets=buckets,
                                         batch_sizes=tuple(cfg.batch_sizes)))
             timing["built_backends"].append(report.backend)
+            fresh.append(report.up_to_date)
         timing["build_seconds"] = time.perf_counter() - t0 if backends else None
+    #: True: the folder was already up to date, so the seconds are checks, not export/build work.
+    timing["up_to_date"] = all(fresh)
     return out, timing
 
 

@@ -80,7 +80,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     if b.get("export_seconds") is not None:
         out.append(f"- export {b['export_seconds']:.1f} s" + (
             f", build ({', '.join(b['built_backends'])}) {b['build_seconds']:.1f} s"
-            if b.get("build_seconds") is not None else ""))
+            if b.get("build_seconds") is not None else "")
+            + (" (already up to date: no export/build work done)" if b.get("up_to_date") else ""))
     m, c = result["machine"], result["config"]
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
     out.append(f"- {c['steps']} steps, guidance {c['guidance_scale']}, refiner {c['use_refiner']} "

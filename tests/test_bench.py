@@ -45,7 +45,8 @@ def test_json_records_machine_versions_config(tiny_bench, tiny_artifacts):
     c = result["config"]
     assert c["artifacts"] == str(tiny_artifacts) and c["steps"] == 3 and c["runs"] == 2 and c["warmup"] == 1
     assert c["baseline"] == "diffusers" and c["torch_threads_used"] == 1
-    assert result["build"] == {"export_seconds": None, "build_seconds": None, "built_backends": []}
+    assert result["build"] == {"export_seconds": None, "build_seconds": None, "built_backends": [],
+                               "up_to_date": None}
     assert set(result["load_seconds"]) == {"onnxruntime", "diffusers"}
     assert result["variants"]["onnxruntime"]["backend"] == "onnxruntime"
 
@@ -156,3 +157,18 @@ def test_step_bench_compares_ort_configs_with_torch(tiny_artifacts):
         assert len(r["runs_ms"]) == 2 and r["median_ms"] > 0 and r["speedup_vs_torch"] > 0
         assert r["max_abs_error"] <= 2e-4, r  # the unet spec's tolerance: every config computes the same
     assert "| ort all + static shapes |" in markdown(result)
+
+
+def test_model_source_is_exported_and_built_and_timed(tiny_artifacts_copy, tmp_path):
+    """``--model``: the benchmark exports (here: finds the export up to date) and builds, timing both."""
+    rc, stdout, stderr = run_cli("bench", "--model", "tiny", "--work-dir", str(tiny_artifacts_copy), "--backend",
+                                 "onnxruntime", "--buckets", "192x320", "--steps", "2", "--runs", "1", "--warmup",
+                                 "0", "--baseline", "none", "--no-refiner", "--json", str(tmp_path / "r.json"))
+    assert rc == 0, stderr
+    assert "| 192x320 | 1 | onnxruntime |" in stdout and "build (onnxruntime)" in stdout
+    build = json.loads((tmp_path / "r.json").read_text())["build"]
+    assert build["export_seconds"] >= 0 and build["build_seconds"] > 0 and build["built_backends"] == ["onnxruntime"]
+    assert build["up_to_date"] is False  # the engines were built now
+    engines = json.loads((tiny_artifacts_copy / "engines" / "manifest.json").read_text())["engines"]
+    assert engines["unet"]["backend"] == "onnxruntime"
+    assert any("192x320" in p["buckets"] for p in engines["unet"]["profiles"])
