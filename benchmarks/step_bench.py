@@ -22,6 +22,7 @@ Two clocks:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import statistics
@@ -205,7 +206,7 @@ def run_step_bench(artifacts: str | Path, component: str = "unet", height: int |
                 if cfg.lanes > 1:
                     calls[cfg.name] = lane_call(sessions, feeds, batched, pool)
                 else:
-                    calls[cfg.name] = (lambda s=sessions[0]: s.run(None, feeds))
+                    calls[cfg.name] = functools.partial(sessions[0].run, None, feeds)
                 outs = calls[cfg.name]()
                 errors[cfg.name] = max(float(np.abs(o - r).max()) for o, r in zip(outs, reference))
             for call in calls.values():  # one warm-up each, outside the measurement
