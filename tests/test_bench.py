@@ -172,3 +172,12 @@ def test_model_source_is_exported_and_built_and_timed(tiny_artifacts_copy, tmp_p
     engines = json.loads((tiny_artifacts_copy / "engines" / "manifest.json").read_text())["engines"]
     assert engines["unet"]["backend"] == "onnxruntime"
     assert any("192x320" in p["buckets"] for p in engines["unet"]["profiles"])
+
+
+def test_gpu_suite_refuses_a_machine_without_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the sdxl suite would run for real")
+    rc, stdout, stderr = run_cli("bench", "--suite", "sdxl")
+    assert rc == 2 and stdout == "" and "needs a CUDA GPU" in stderr and "Fix: " in stderr
