@@ -30,7 +30,7 @@ def test_twin_is_loaded_with_its_recorded_options(twin_pipe):
     for name, d in twin_pipe.description["components"].items():
         assert d["source"] == "engine (onnxruntime twin)", name
         assert "/engines/" in d["file"]
-        assert d["session_options"]["graph_optimization_level"] == "ORT_DISABLE_ALL"  # optimized offline
+        assert d["session_options"]["graph_optimization_level"] == "ORT_ENABLE_ALL"  # fusions offline, layout online
         assert d["session_options"]["intra_op_num_threads"] >= 1
 
 
