@@ -21,4 +21,4 @@ ARTIFACT_FORMAT_VERSION = "1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["__version__", "ARTIFACT_FORMAT_VERSION"]
+__all__ = ["ARTIFACT_FORMAT_VERSION", "__version__"]

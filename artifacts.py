@@ -23,8 +23,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from . import ARTIFACT_FORMAT_VERSION, __version__
 from .errors import ArtifactError, CorruptArtifactError, IncompatibleManifestError, MissingComponentError

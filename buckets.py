@@ -37,7 +37,7 @@ class Bucket:
         return f"{self.height}x{self.width}"
 
     @classmethod
-    def parse(cls, text: str) -> "Bucket":
+    def parse(cls, text: str) -> Bucket:
         """Parse ``"HxW"`` (e.g. ``"1024x1024"``)."""
         try:
             h, w = text.lower().strip().split("x")
@@ -72,7 +72,7 @@ def buckets_for(native: int = SDXL_NATIVE) -> tuple[Bucket, ...]:
 
 
 def _round64(x: float) -> int:
-    return max(64, int(round(x / 64)) * 64)
+    return max(64, round(x / 64) * 64)
 
 
 def nearest_bucket(height: int, width: int, native: int = SDXL_NATIVE) -> Bucket:

@@ -17,8 +17,9 @@ guidance), ``latent_height``/``latent_width`` (pixels / vae_scale) and ``height`
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -54,7 +55,7 @@ class TensorSpec:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TensorSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> TensorSpec:
         return cls(d["name"], d["dtype"], tuple(d["shape"]))
 
 
@@ -146,7 +147,9 @@ class ComponentSpec:
             elif t.name == "timestep":
                 out[t.name] = np.asarray(rng.uniform(1, 999, size=shape), dtype=t.np_dtype)
             elif t.name == "time_ids":
-                base = [height, width, 0, 0, height, width][: shape[1]]
+                # base: (orig h, orig w, crop top, crop left, target h, target w);
+                # refiner: (orig h, orig w, crop top, crop left, aesthetic score).
+                base: list[float] = [height, width, 0, 0, height, width][: shape[1]]
                 if shape[1] == 5:
                     base = [height, width, 0, 0, 6.0]
                 out[t.name] = np.tile(np.asarray(base, dtype=t.np_dtype), (shape[0], 1))
@@ -212,7 +215,7 @@ class ComponentSpec:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ComponentSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> ComponentSpec:
         return cls(
             name=d["name"],
             kind=d["kind"],
@@ -248,7 +251,7 @@ class ModelDims:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelDims":
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelDims:
         return cls(**d)
 
 

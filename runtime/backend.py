@@ -13,8 +13,15 @@ bind device pointers).
 from __future__ import annotations
 
 import abc
+import sys
 import threading
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    from typing import Self
+else:  # pragma: no cover
+    from typing_extensions import Self
 
 import torch
 
@@ -38,7 +45,7 @@ class ComponentRunner(abc.ABC):
         self._lock = threading.Lock()
 
     # ---- lifecycle ------------------------------------------------------------------------
-    def open(self) -> "ComponentRunner":
+    def open(self) -> Self:
         with self._lock:
             if not self._open:
                 self._open_impl()
@@ -55,10 +62,11 @@ class ComponentRunner(abc.ABC):
     def is_open(self) -> bool:
         return self._open
 
-    def __enter__(self) -> "ComponentRunner":
-        return self.open()
+    def __enter__(self) -> Self:
+        self.open()
+        return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # ---- calls ------------------------------------------------------------------------------

@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from sdxl_export.buckets import Bucket, buckets_for, find_bucket, nearest_bucket, parse_bucket_list, sdxl_buckets
+from sdxl_export.buckets import (
+    Bucket,
+    buckets_for,
+    find_bucket,
+    nearest_bucket,
+    parse_bucket_list,
+    sdxl_buckets,
+)
 from sdxl_export.errors import InputMismatchError, InvalidRequestError, UnknownBucketError
 from sdxl_export.specs import COMPONENTS, ComponentSpec, ModelDims, component_specs
 
