@@ -149,9 +149,8 @@ class ComponentSpec:
             elif t.name == "time_ids":
                 # base: (orig h, orig w, crop top, crop left, target h, target w);
                 # refiner: (orig h, orig w, crop top, crop left, aesthetic score).
-                base: list[float] = [height, width, 0, 0, height, width][: shape[1]]
-                if shape[1] == 5:
-                    base = [height, width, 0, 0, 6.0]
+                base: list[float] = [float(height), float(width), 0.0, 0.0]
+                base += [6.0] if shape[1] == 5 else [float(height), float(width)]
                 out[t.name] = np.tile(np.asarray(base, dtype=t.np_dtype), (shape[0], 1))
             else:
                 out[t.name] = rng.standard_normal(shape).astype(t.np_dtype)
