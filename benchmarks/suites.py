@@ -42,6 +42,16 @@ class Suite:
                                           "run it on a GPU machine, or use --suite small on CPU")
 
 
+def _torch_gpu_variants() -> list[Variant]:
+    """The PyTorch CUDA backend as eager fp32 (what diffusers does) and with our CUDA graphs."""
+    return [
+        Variant("torch-eager-fp32", backend="torch", device="cuda"),
+        Variant("torch-graphs-fp32", backend="torch", device="cuda", options={"cuda_graphs": True}),
+        Variant("torch-graphs-fp16", backend="torch", device="cuda",
+                options={"cuda_graphs": True, "dtype": "float16"}),
+    ]
+
+
 SUITES: dict[str, Suite] = {
     "tiny": Suite(
         "tiny", "smoke test of the benchmark itself (seconds)",
@@ -53,10 +63,18 @@ SUITES: dict[str, Suite] = {
         lambda: BenchConfig(model="small", variants=[Variant("onnxruntime", backend="onnxruntime", device="cpu")],
                             steps=20, runs=5, warmup=1, baseline_device="cpu"),
     ),
+    "small-gpu": Suite(
+        "small-gpu", "GPU: the small preset, torch eager / CUDA graphs fp32 / CUDA graphs fp16 vs diffusers "
+        "eager fp32 on the same GPU",
+        lambda: BenchConfig(model="small", variants=_torch_gpu_variants(), steps=20, runs=10, warmup=2,
+                            baseline_device="cuda"),
+        needs_gpu=True,
+    ),
     "sdxl": Suite(
         "sdxl", "GPU: full-size SDXL (random weights), TensorRT and torch vs diffusers, three buckets",
-        lambda: BenchConfig(model="sdxl", variants=[Variant("tensorrt", backend="tensorrt", device="cuda"),
-                                                    Variant("torch", backend="torch", device="cuda")],
+        lambda: BenchConfig(model="sdxl", variants=[Variant("tensorrt", backend="tensorrt", device="cuda",
+                                                            options={"cuda_graphs": True}),
+                                                    *_torch_gpu_variants()],
                             buckets="1024x1024,832x1216,1216x832", steps=20, runs=5, warmup=2,
                             baseline_device="cuda"),
         needs_gpu=True,
