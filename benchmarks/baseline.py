@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,45 +29,29 @@ import numpy as np
 import torch
 
 from ..errors import ArtifactError, MissingComponentError
+from ..runtime.timing import StageTimings
+from ..runtime.torch_backend import module_class
 
 log = logging.getLogger(__name__)
 
-#: Module classes the baseline may instantiate from a manifest's ``class_name``.
-ALLOWED_CLASSES = {
-    "CLIPTextModel": "transformers",
-    "CLIPTextModelWithProjection": "transformers",
-    "UNet2DConditionModel": "diffusers",
-    "AutoencoderKL": "diffusers",
-}
 TORCH_PARTS = ("text_encoder", "text_encoder_2", "unet", "vae")
 
 
 @dataclass
 class BaselineResult:
-    """One baseline call: final latents, images (N, H, W, 3) in [0, 1], stage times."""
+    """One baseline call: final latents, images (N, H, W, 3) in [0, 1], stage times.
+
+    ``timings`` is the runtime's own :class:`StageTimings` (same stage names), so the
+    benchmark treats both sides alike, overhead included.
+    """
 
     latents: torch.Tensor
     images: np.ndarray
-    total: float
-    stages: dict[str, list[float]] = field(default_factory=dict)
-
-    @property
-    def component_seconds(self) -> float:
-        return float(sum(sum(v) for v in self.stages.values()))
-
-    @property
-    def overhead_seconds(self) -> float:
-        return max(0.0, self.total - self.component_seconds)
+    timings: StageTimings
 
 
 def _load_module(root: Path, asset: dict[str, Any]) -> torch.nn.Module:
-    import importlib
-
-    name = asset.get("class_name", "")
-    if name not in ALLOWED_CLASSES:
-        raise ArtifactError(f"{root / asset['dir']}: unexpected module class {name!r}",
-                            "re-run the export that wrote this folder")
-    cls = getattr(importlib.import_module(ALLOWED_CLASSES[name]), name)
+    cls = module_class(asset.get("class_name"), root / asset["dir"])
     module = cls.from_pretrained(str(root / asset["dir"]), use_safetensors=True)
     return module.eval().requires_grad_(False)
 
@@ -224,5 +208,5 @@ class DiffusersBaseline:
             else:
                 images = self.base(prompts, height=height, width=width, output_type="np", **common).images
         total = time.perf_counter() - t0
-        return BaselineResult(latents=final["latents"], images=np.asarray(images), total=total,
-                              stages=self.hooks.reset())
+        return BaselineResult(latents=final["latents"], images=np.asarray(images),
+                              timings=StageTimings(stages=self.hooks.reset(), total=total))

@@ -311,7 +311,7 @@ def _run_case(cfg: BenchConfig, pipes: dict[str, Any], baseline: Any, height: in
         if baseline is not None:
             with sides[BASELINE].memory.window():
                 total, ref = _run_baseline(baseline, cfg, prompts, height, width)
-            sides[BASELINE].add(total, ref.stages)
+            sides[BASELINE].add(total, ref.timings.stages)
             if r == 0:
                 parity = {name: _parity(out, ref) for name, out in outputs.items()}
         log.info("round %d/%d: %s", r + 1, cfg.runs,

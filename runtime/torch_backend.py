@@ -74,6 +74,17 @@ MODULE_CLASSES = {
     "AutoencoderKL": "diffusers",
 }
 
+def module_class(class_name: Any, where: Path) -> Any:
+    """The torch module class a manifest names, from :data:`MODULE_CLASSES` only."""
+    library = MODULE_CLASSES.get(str(class_name))
+    if library is None:
+        raise ArtifactError(
+            f"{where}: the manifest records class {class_name!r}, which sdxl-export does not load",
+            f"re-export with this sdxl-export (it loads {sorted(MODULE_CLASSES)})",
+        )
+    return getattr(importlib.import_module(library), str(class_name))
+
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 #: Inputs that keep the spec dtype when the module computes in fp16/bf16 (as diffusers does).
@@ -175,13 +186,7 @@ class TorchRunner(ComponentRunner):
                 f"re-export without --no-torch-weights (sdxl-export export --out {root}), "
                 "or use --backend onnxruntime",
             )
-        class_name = asset.get("class_name")
-        library = MODULE_CLASSES.get(str(class_name))
-        if library is None:
-            raise ArtifactError(
-                f"{root}: {asset_name} records class {class_name!r}, which the torch backend does not load",
-                f"re-export with this sdxl-export (it loads {sorted(MODULE_CLASSES)})",
-            )
+        cls = module_class(asset.get("class_name"), root / asset_name)
         folder = root / asset.get("dir", asset_name)
         files = asset.get("files", {})
         if not folder.is_dir() or not files:
@@ -195,7 +200,7 @@ class TorchRunner(ComponentRunner):
             for rel in files:
                 if not (root / rel).is_file():
                     raise MissingComponentError(f"{root / rel} is missing", f"re-export into {root} to rewrite it")
-        return getattr(importlib.import_module(library), str(class_name)), folder
+        return cls, folder
 
     @property
     def description(self) -> dict[str, Any]:
