@@ -66,9 +66,13 @@ def buckets_for(native: int = SDXL_NATIVE) -> tuple[Bucket, ...]:
     """
     if native == SDXL_NATIVE:
         return sdxl_buckets()
+    return tuple(dict.fromkeys(sdxl_bucket_map(native).values()))
+
+
+def sdxl_bucket_map(native: int = SDXL_NATIVE) -> dict[Bucket, Bucket]:
+    """Each of the paper's 40 buckets -> the bucket it becomes at ``native`` size."""
     scale = native / SDXL_NATIVE
-    out = (Bucket(_round64(b.height * scale), _round64(b.width * scale)) for b in sdxl_buckets())
-    return tuple(dict.fromkeys(out))
+    return {b: Bucket(_round64(b.height * scale), _round64(b.width * scale)) for b in sdxl_buckets()}
 
 
 def _round64(x: float) -> int:

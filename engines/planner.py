@@ -45,7 +45,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..buckets import Bucket, buckets_for
+from ..buckets import Bucket, buckets_for, sdxl_bucket_map
 from ..errors import InvalidRequestError
 from ..specs import ComponentSpec
 
@@ -159,6 +159,10 @@ class Plan:
             "mode": self.mode,
             "native_size": self.native_size,
             "buckets": [str(b) for b in self.buckets],
+            # Which of the paper's 40 buckets this plan serves, and as which size here
+            # (identity at SDXL's native 1024; scaled for smaller presets).
+            "sdxl_buckets": {str(k): str(v) for k, v in sdxl_bucket_map(self.native_size).items()
+                             if v in self.buckets},
             "batch_sizes": list(self.batch_sizes),
             "limits": {"max_profiles_per_engine": TRT_MAX_PROFILES, "max_dims": TRT_MAX_DIMS,
                        "max_volume": TRT_MAX_VOLUME},

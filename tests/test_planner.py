@@ -189,3 +189,19 @@ def test_profile_roundtrip_and_covers():
     assert not p.covers({"x": (2, 4, 32)})
     assert not p.covers({"y": (1, 4, 8, 8)})
     assert math.prod(p.shapes["x"][2]) == 8192
+
+
+def test_plan_json_serves_all_40_paper_buckets_for_the_default_model():
+    """The acceptance check: ``sdxl-export plan --json`` (tiny, scaled buckets) covers all 40."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "sdxl_export.cli", "-q", "plan", "--json"],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert len(plan["sdxl_buckets"]) == 40
+    for name, comp in plan["components"].items():
+        served = {b for prof in comp["profiles"] for b in prof["buckets"]}
+        assert set(plan["sdxl_buckets"].values()) <= served, name
