@@ -75,16 +75,18 @@ def _text(hidden: int, layers: int, heads: int, inter: int, proj: int, act: str)
     }
 
 
-def _base_unet(
-    channels: tuple[int, ...], depth: tuple[int, ...], heads: tuple[int, ...], context: int,
-    pooled: int, time_dim: int, sample_size: int, groups: int = 32,
+def _unet(
+    down: tuple[str, ...], up: tuple[str, ...], n_time_ids: int, channels: tuple[int, ...],
+    depth: int | tuple[int, ...], heads: tuple[int, ...], context: int, pooled: int, time_dim: int,
+    sample_size: int, groups: int = 32,
 ) -> dict[str, Any]:
+    """A ``text_time``-conditioned UNet2DConditionModel config (SDXL's base and refiner)."""
     return {
         "sample_size": sample_size,
         "in_channels": 4,
         "out_channels": 4,
-        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "down_block_types": down,
+        "up_block_types": up,
         "block_out_channels": channels,
         "layers_per_block": 2,
         "transformer_layers_per_block": depth,
@@ -94,31 +96,25 @@ def _base_unet(
         "use_linear_projection": True,
         "addition_embed_type": "text_time",
         "addition_time_embed_dim": time_dim,
-        "projection_class_embeddings_input_dim": 6 * time_dim + pooled,
+        # pooled text_embeds + one Fourier embedding per time id
+        "projection_class_embeddings_input_dim": n_time_ids * time_dim + pooled,
     }
 
 
-def _refiner_unet(
-    channels: tuple[int, ...], depth: int, heads: tuple[int, ...], context: int, pooled: int,
-    time_dim: int, sample_size: int, groups: int = 32,
-) -> dict[str, Any]:
-    return {
-        "sample_size": sample_size,
-        "in_channels": 4,
-        "out_channels": 4,
-        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        "block_out_channels": channels,
-        "layers_per_block": 2,
-        "transformer_layers_per_block": depth,
-        "attention_head_dim": heads,
-        "cross_attention_dim": context,
-        "norm_num_groups": groups,
-        "use_linear_projection": True,
-        "addition_embed_type": "text_time",
-        "addition_time_embed_dim": time_dim,
-        "projection_class_embeddings_input_dim": 5 * time_dim + pooled,
-    }
+def _base_unet(channels: tuple[int, ...], depth: tuple[int, ...], heads: tuple[int, ...], context: int,
+               pooled: int, time_dim: int, sample_size: int, groups: int = 32) -> dict[str, Any]:
+    """Base: 3 levels, no attention at the first, 6 time ids (orig, crop, target sizes)."""
+    return _unet(("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), 6,
+                 channels, depth, heads, context, pooled, time_dim, sample_size, groups)
+
+
+def _refiner_unet(channels: tuple[int, ...], depth: int, heads: tuple[int, ...], context: int, pooled: int,
+                  time_dim: int, sample_size: int, groups: int = 32) -> dict[str, Any]:
+    """Refiner: 4 levels, attention in the middle two, 5 time ids (aesthetic score last)."""
+    return _unet(("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                 ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), 5,
+                 channels, depth, heads, context, pooled, time_dim, sample_size, groups)
 
 
 def _vae(channels: tuple[int, ...], layers: int, groups: int, sample_size: int) -> dict[str, Any]:
