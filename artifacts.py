@@ -102,6 +102,30 @@ def clean_stale_tmp(folder: str | Path) -> int:
     return n
 
 
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, what: str, fix: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``folder`` (which must exist) or fail at once.
+
+    Two writers of one folder would waste work and race on its manifest. The lock is
+    released when the process dies, so a killed run never leaves the folder locked.
+    """
+    from .errors import OutputDirError
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover -- no advisory locks on this OS
+            pass
+        except BlockingIOError:
+            raise OutputDirError(f"another sdxl-export {what} is writing to {folder}", fix) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 # ---- hashing ---------------------------------------------------------------------------------
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()

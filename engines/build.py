@@ -31,6 +31,7 @@ from ..artifacts import (
     atomic_dir,
     atomic_write_json,
     clean_stale_tmp,
+    folder_lock,
     manifest_header,
     read_manifest,
     sha256_file,
@@ -322,6 +323,15 @@ def build(opts: BuildOptions) -> BuildReport:
     wanted = wanted_engines(opts, export_manifest, plan, backend, target)
 
     engines_dir = root / ENGINE_DIR
+    engines_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(engines_dir, "build", "wait for it to finish, or pass another --out"):
+        return _build_engines(opts, root, engines_dir, backend, note, target, plan, export_manifest,
+                              wanted, t_all)
+
+
+def _build_engines(opts: BuildOptions, root: Path, engines_dir: Path, backend: str, note: str, target: Any,
+                   plan: Any, export_manifest: dict[str, Any], wanted: Any, t_all: float) -> BuildReport:
+    """The engine phase of :func:`build`, under the engines folder's lock."""
     clean_stale_tmp(engines_dir)
     previous = _load_previous(root)
     prev_entries: dict[str, Any] = dict(previous.get("engines", {}))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import platform
 import shutil
 import time
@@ -41,6 +40,7 @@ from ..artifacts import (
     TMP_PREFIX,
     atomic_dir,
     atomic_write_json,
+    folder_lock,
     manifest_header,
     read_manifest,
     sha256_file,
@@ -158,20 +158,8 @@ def _writable_locked(out: Path) -> Iterator[bool]:
             shutil.rmtree(out, ignore_errors=True)
         raise OutputDirError(f"cannot write to {out} ({exc.strerror or exc})",
                              "pass a writable folder to --out") from None
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        try:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # pragma: no cover -- no advisory locks on this OS
-            pass
-        except BlockingIOError:
-            raise OutputDirError(f"another sdxl-export export is writing to {out}",
-                                 "wait for it to finish, or pass another --out") from None
+    with folder_lock(out, "export", "wait for it to finish, or pass another --out"):
         yield created
-    finally:
-        os.close(fd)
 
 
 def _clean_own_tmp(out: Path) -> int:

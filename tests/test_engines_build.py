@@ -221,3 +221,21 @@ def test_no_engines_folder_means_no_store(tmp_path, built):
     assert load_engine_store(tmp_path) is None
     shutil.copy(built["root"] / "manifest.json", tmp_path / "manifest.json")
     assert load_engine_store(tmp_path) is None
+
+
+def test_a_second_build_of_the_same_folder_is_refused_while_one_runs(copy):
+    """Two builds of one folder would race on its engine manifest: the second stops at once."""
+    import fcntl
+
+    fd = os.open(copy / ENGINE_DIR, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running build holds
+        before = file_mtimes(copy / ENGINE_DIR)
+        rc, _out, err = run_cli("build", "--fp16", "--out", str(copy))
+        assert rc == 2
+        assert "another sdxl-export build is writing to" in err and "Traceback" not in err
+        assert file_mtimes(copy / ENGINE_DIR) == before
+    finally:
+        os.close(fd)
+    rc, _out, err = run_cli("build", "--fp16", "--out", str(copy))  # the lock died with its holder
+    assert rc == 0, err
