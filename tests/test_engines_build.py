@@ -239,3 +239,21 @@ def test_a_second_build_of_the_same_folder_is_refused_while_one_runs(copy):
         os.close(fd)
     rc, _out, err = run_cli("build", "--fp16", "--out", str(copy))  # the lock died with its holder
     assert rc == 0, err
+
+
+def test_no_refiner_rebuild_removes_exactly_the_refiner(copy):
+    before = file_mtimes(copy / ENGINE_DIR)
+    rc, out, err = run_cli("build", "--fp16", "--no-refiner", "--out", str(copy))
+    assert rc == 0, err
+    actions = _actions(out)
+    assert actions.pop("refiner_unet") == "removed"
+    assert set(actions.values()) == {"up to date"}
+    assert not (copy / ENGINE_DIR / "refiner_unet").exists()
+    assert not (copy / "onnx" / "refiner_unet").exists()
+    assert "refiner_unet" not in _manifest(copy)["engines"]
+    after = file_mtimes(copy / ENGINE_DIR)
+    kept = {k: v for k, v in before.items() if k != "manifest.json" and not k.startswith("refiner_unet")}
+    assert {k: v for k, v in after.items() if k in kept} == kept
+    store = load_engine_store(copy)
+    assert store is not None and set(store.entries) == {"text_encoder", "text_encoder_2", "unet",
+                                                        "vae_decoder", "vae_encoder"}
