@@ -327,7 +327,7 @@ class SDXLPipeline:
         sched = self._refiner_schedulers(req.scheduler)
         timesteps = refiner_timesteps(sched, req.steps, self.device, req.denoising_end)
         # img2img prepare_latents with 4-channel "image" and denoising_start: the latents, no noise.
-        latents = torch.cat([latents.to(self.device, torch.float32)], dim=0)
+        latents = latents.to(self.device, torch.float32)
         embeds, pooled = self._conditioning(enc.refiner_embeds, enc.refiner_pooled, enc.refiner_neg_embeds,
                                             enc.refiner_neg_pooled, req)
         n_ids = int({t.name: t for t in self.runners["refiner_unet"].spec.inputs}["time_ids"].shape[-1])
