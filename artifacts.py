@@ -40,7 +40,7 @@ TMP_PREFIX = ".tmp-"
 
 
 # ---- atomic writes ------------------------------------------------------------------------
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes | bytearray | memoryview) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)

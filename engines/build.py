@@ -40,15 +40,18 @@ from ..artifacts import (
 from ..buckets import parse_bucket_list
 from ..errors import ArtifactError, BackendUnavailableError, InvalidRequestError
 from ..specs import ComponentSpec, specs_from_dicts
+from ..tensorrt_env import GpuInfo, gpu_info, trt_status, trt_version
 from . import ort_builder
 from .planner import DEFAULT_MODE, MODES, Plan, plan_profiles
-from .store import BACKEND_ORT, BACKEND_TRT, EngineEntry, GpuInfo, engine_manifest_path, onnx_hash, ort_target
+from .store import BACKEND_ORT, BACKEND_TRT, EngineEntry, engine_manifest_path, onnx_hash, ort_target
 from .trt_builder import DEFAULT_OPT_LEVEL, HARDWARE_COMPAT, PRECISIONS, TrtSettings
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", BACKEND_TRT, BACKEND_ORT)
 VAE_KINDS = ("vae_decoder", "vae_encoder")
+#: Exported components the runtime never opens get no engine (no img2img yet: the VAE encoder).
+RUNTIME_UNUSED = frozenset({"vae_encoder"})
 PLAN_FILE = "engine.plan"
 
 
@@ -69,7 +72,6 @@ class BuildOptions:
     timing_cache: Path | None = None
     workspace_gb: float | None = None
     builder_optimization_level: int = DEFAULT_OPT_LEVEL
-    refittable: bool = False
     hardware_compatibility: str = "none"
     version_compatible: bool = False
     ort_optimization: str = ort_builder.DEFAULT_LEVEL
@@ -113,7 +115,7 @@ class BuildOptions:
                                      ("--opset", o.opset, d.opset)):
             if value != default:
                 args += [flag, str(value)]
-        for flag, on in (("--refittable", o.refittable), ("--version-compatible", o.version_compatible),
+        for flag, on in (("--version-compatible", o.version_compatible),
                          ("--no-validate", not o.validate)):
             if on:
                 args.append(flag)
@@ -178,10 +180,12 @@ class BuildReport:
 
 
 # ---- decisions (pure) --------------------------------------------------------------------------------
-def resolve_backend(requested: str) -> tuple[str, str]:
-    """(backend, one-line note). ``auto`` falls back to the ONNX Runtime twin, saying why."""
-    from .trt_builder import trt_status
+def build_backend(requested: str) -> tuple[str, str]:
+    """(backend to *build* with, one-line note). ``auto`` falls back to the ONNX Runtime twin, saying why.
 
+    Which backend *runs* is decided by :func:`sdxl_export.runtime.backends.resolve_backend`
+    from what was built; both ask :mod:`sdxl_export.tensorrt_env` whether TensorRT is usable.
+    """
     if requested == BACKEND_ORT:
         return BACKEND_ORT, "ONNX Runtime twin requested (--backend onnxruntime)"
     ok, why = trt_status()
@@ -212,6 +216,8 @@ def wanted_engines(
     root = Path(opts.out)
     out: dict[str, Wanted] = {}
     for name, comp in export_manifest["components"].items():
+        if name in RUNTIME_UNUSED:
+            continue
         cplan = plan.components[name]
         spec = cplan.spec
         # The VAE gets its own precision (fp32 unless --vae-precision): SDXL's VAE overflows in fp16.
@@ -222,7 +228,7 @@ def wanted_engines(
         if backend == BACKEND_TRT:
             w.trt_settings = TrtSettings(
                 precision=requested, builder_optimization_level=opts.builder_optimization_level,
-                refittable=opts.refittable, hardware_compatibility=opts.hardware_compatibility,
+                hardware_compatibility=opts.hardware_compatibility,
                 version_compatible=opts.version_compatible, workspace_gb=opts.workspace_gb,
             )
             key_builder = w.trt_settings.to_dict()
@@ -302,7 +308,7 @@ def build(opts: BuildOptions) -> BuildReport:
     from ..export import export_model
 
     t_all = time.perf_counter()
-    backend, note = resolve_backend(opts.backend)
+    backend, note = build_backend(opts.backend)
     log.info("backend: %s", note)
     if backend == BACKEND_ORT and opts.precision != "fp32":
         log.info("precision: %s requested, the ONNX Runtime CPU twin runs fp32 (few fp16 CPU kernels; keeps "
@@ -313,10 +319,10 @@ def build(opts: BuildOptions) -> BuildReport:
     root = Path(opts.out).resolve()
     plan = make_plan(opts, export_manifest)
     if backend == BACKEND_TRT:
-        from .trt_builder import gpu_info, trt_version
-
         gpu, ver = gpu_info(), trt_version()
-        assert gpu is not None and ver is not None  # resolve_backend checked both
+        if gpu is None or ver is None:  # build_backend checked both; a driver can vanish meanwhile
+            raise BackendUnavailableError("TensorRT or the GPU stopped being usable during the build",
+                                          "rerun the build")
         target = trt_target(ver, gpu)
     else:
         target = ort_target()
@@ -351,8 +357,9 @@ def _build_engines(opts: BuildOptions, root: Path, engines_dir: Path, backend: s
     results: list[ComponentResult] = []
     for name in [n for n in prev_entries if n not in wanted]:
         shutil.rmtree(engines_dir / name, ignore_errors=True)
-        results.append(ComponentResult(name, "removed", "no longer exported"))
-        log.info("%s: engine removed (component no longer exported)", name)
+        why = "not used by the runtime" if name in RUNTIME_UNUSED else "no longer exported"
+        results.append(ComponentResult(name, "removed", why))
+        log.info("%s: engine removed (%s)", name, why)
     # Entries we keep are written first so an interruption never drops a good engine.
     for name, w in wanted.items():
         prev = prev_entries.get(name)
@@ -410,9 +417,10 @@ def _build_one(root: Path, w: Wanted, opts: BuildOptions) -> EngineEntry:
         if w.backend == BACKEND_TRT:
             from .trt_builder import build_engine
 
-            assert w.trt_settings is not None
-            extra = build_engine(w.onnx_path, tmp / PLAN_FILE, w.trt_settings, w.profiles,
-                                 timing_cache=opts.timing_cache, name=w.component)
+            if w.trt_settings is None:
+                raise InvalidRequestError(f"{w.component}: no TensorRT settings", "report this as a bug")
+            extra = build_engine(w.onnx_path, tmp / PLAN_FILE, w.trt_settings, w.profiles, spec=w.spec,
+                                 timing_cache=opts.timing_cache, name=w.component, check_accuracy=opts.validate)
             written = [tmp / PLAN_FILE]
         else:
             written = ort_builder.build_twin(w.onnx_path, tmp, opts.ort_optimization)

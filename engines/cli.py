@@ -56,10 +56,9 @@ def add_build_options(p: argparse.ArgumentParser) -> None:
                    help="TensorRT workspace memory limit")
     p.add_argument("--builder-optimization-level", type=int, default=DEFAULT_OPT_LEVEL,
                    choices=range(MAX_OPT_LEVEL + 1), metavar="0-5", help="TensorRT builder optimization level")
-    p.add_argument("--refittable", action="store_true", help="TensorRT: build refittable engines")
     p.add_argument("--hardware-compatibility", choices=tuple(HARDWARE_COMPAT), default="none",
                    help="TensorRT hardware compatibility level")
-    p.add_argument("--version-compatible", action="store_true", help="TensorRT: version-compatible plans")
+    p.add_argument("--version-compatible", action="store_true", help="TensorRT: version-compatible plans (run on this or any later TensorRT)")
     p.add_argument("--ort-optimization", choices=ort_builder.LEVELS, default=ort_builder.DEFAULT_LEVEL,
                    help="ONNX Runtime twin: offline graph optimization level (default extended)")
 
@@ -72,7 +71,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         out=args.out, precision=args.precision, vae_precision=args.vae_precision, buckets=args.buckets,
         batch_sizes=tuple(args.batch_sizes), profiles=args.profiles, backend=args.backend,
         timing_cache=args.timing_cache, workspace_gb=args.workspace_gb,
-        builder_optimization_level=args.builder_optimization_level, refittable=args.refittable,
+        builder_optimization_level=args.builder_optimization_level,
         hardware_compatibility=args.hardware_compatibility, version_compatible=args.version_compatible,
         ort_optimization=args.ort_optimization, opset=getattr(args, "opset", 17),
         validate=not getattr(args, "no_validate", False),
@@ -151,7 +150,9 @@ def register(subparsers: Any) -> None:
                               "TensorRT where usable, else the ONNX Runtime CPU twin. Incremental.")
     add_build_options(b)
     b.add_argument("--opset", type=int, default=17, help="ONNX opset for the export (default 17)")
-    b.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime twin parity check")
+    b.add_argument("--no-validate", action="store_true",
+                   help="skip the build-time accuracy checks (each TensorRT profile, or the ONNX Runtime twin, "
+                   "against the ONNX)")
     b.set_defaults(func=cmd_build)
 
     p = subparsers.add_parser("plan", help="print the optimization profiles a build would use",

@@ -56,23 +56,13 @@ from ..errors import (
     UnsupportedShapeError,
 )
 from ..specs import ComponentSpec
+from ..tensorrt_env import GpuInfo, gpu_info, trt_version, version_tuple
 from .planner import PlannedProfile
 
 log = logging.getLogger(__name__)
 
 BACKEND_TRT = "tensorrt"
 BACKEND_ORT = "onnxruntime"
-
-
-@dataclass(frozen=True)
-class GpuInfo:
-    """The GPU an engine is built for: TensorRT plans are specific to it."""
-
-    name: str
-    compute_capability: str  # "8.9"
-
-    def to_dict(self) -> dict[str, str]:
-        return {"name": self.name, "compute_capability": self.compute_capability}
 
 
 def onnx_hash(export_component: Mapping[str, Any]) -> str:
@@ -180,14 +170,10 @@ def ort_target() -> dict[str, Any]:
 
 
 def current_trt_version() -> str | None:
-    from .trt_builder import trt_version
-
     return trt_version()
 
 
 def current_gpu() -> GpuInfo | None:
-    from .trt_builder import gpu_info
-
     return gpu_info()
 
 
@@ -196,8 +182,12 @@ def trt_compatible(target: Mapping[str, Any], builder: Mapping[str, Any], gpu: G
     """Why a TensorRT plan built for ``target`` cannot run here (None when it can).
 
     Default plans need the exact TensorRT version and the same GPU model. A plan built
-    ``version_compatible`` runs on a later TensorRT of the same major version; a plan built
-    with hardware compatibility ``same_compute_capability`` on any GPU of the same compute
+    ``version_compatible`` runs on the TensorRT it was built with or any later one, across
+    major versions too (TensorRT's version-compatibility guide: "engines built with TensorRT
+    8 work with TensorRT 9 and TensorRT 10 runtimes", never an older runtime); it embeds
+    the lean runtime, which the loader runs with ``engine_host_code_allowed``
+    (:func:`sdxl_export.tensorrt_env.deserialize_engine`). A plan built with hardware
+    compatibility ``same_compute_capability`` runs on any GPU of the same compute
     capability, with ``ampere_plus`` on any GPU of compute capability >= 8.0.
     """
     built_ver = str(target.get("tensorrt", "?"))
@@ -207,14 +197,15 @@ def trt_compatible(target: Mapping[str, Any], builder: Mapping[str, Any], gpu: G
     if gpu is None:
         return f"it is a TensorRT {built_ver} plan for {built_gpu}, and this machine has no CUDA GPU"
     if builder.get("version_compatible"):
-        ok = _ver(trt_ver)[:1] == _ver(built_ver)[:1] and _ver(trt_ver) >= _ver(built_ver)
+        ok = version_tuple(trt_ver) >= version_tuple(built_ver)
     else:
         ok = trt_ver == built_ver
     if not ok:
         return f"it was built with TensorRT {built_ver}, this machine has TensorRT {trt_ver}"
     here = f"{gpu.name} (sm {gpu.compute_capability})"
     hw = builder.get("hardware_compatibility", "none")
-    cc_built, cc_here = _ver(str(target.get("compute_capability", "0"))), _ver(gpu.compute_capability)
+    cc_built = version_tuple(str(target.get("compute_capability", "0")))
+    cc_here = version_tuple(gpu.compute_capability)
     if hw == "ampere_plus":
         ok = cc_here >= (8, 0)
     elif hw == "same_compute_capability":
@@ -224,14 +215,6 @@ def trt_compatible(target: Mapping[str, Any], builder: Mapping[str, Any], gpu: G
     if not ok:
         return f"it was built for {built_gpu} (hardware compatibility {hw}), this GPU is {here}"
     return None
-
-
-def _ver(text: str) -> tuple[int, ...]:
-    out = []
-    for part in text.split("."):
-        digits = "".join(ch for ch in part if ch.isdigit())
-        out.append(int(digits) if digits else 0)
-    return tuple(out)
 
 
 # ---- the store ---------------------------------------------------------------------------------

@@ -3,10 +3,17 @@
 The chain is ``NetworkFromOnnxPath`` (ONNX parser with TensorRT's native InstanceNorm,
 required for hardware/version-compatible plans and the plugin-free path) ->
 ``CreateConfig`` (precision flags, the planned profiles, timing cache, builder
-optimization level, refit, hardware/version compatibility, workspace limit) ->
-``EngineBytesFromNetwork``; we write the bytes ourselves with
-:func:`~sdxl_export.artifacts.atomic_write_bytes` rather than ``SaveEngine`` so a killed
-build never leaves a truncated plan under the final name.
+optimization level, hardware/version compatibility, workspace limit, profiling verbosity
+``LAYER_NAMES_ONLY``) -> ``EngineBytesFromNetwork``; we write TensorRT's host buffer
+ourselves with :func:`~sdxl_export.artifacts.atomic_write_bytes` (no second host copy of a
+multi-GB plan) rather than ``SaveEngine`` so a killed build never leaves a truncated plan
+under the final name. The fresh plan is then deserialized once, its profile count checked,
+and every profile run against the ONNX in ONNX Runtime (:mod:`.trt_accuracy`).
+
+Not offered: refittable plans (``BuilderFlag.REFIT``) -- nothing refits them yet, and a
+refittable plan is slower and larger for no use. Version-compatible plans embed TensorRT's
+lean runtime (no ``EXCLUDE_LEAN_RUNTIME``), so a later TensorRT loads them with
+``engine_host_code_allowed`` (:func:`sdxl_export.tensorrt_env.deserialize_engine`).
 
 Polygraphy's loader objects are lazy: constructing them needs neither TensorRT nor a
 GPU, so :func:`network_loader`, :func:`polygraphy_profiles` and :func:`create_config`
@@ -35,10 +42,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..artifacts import atomic_write_bytes
 from ..errors import BackendUnavailableError, SDXLExportError
+from ..specs import ComponentSpec
+from ..tensorrt_env import deserialize_engine, load_tensorrt
 from .planner import PlannedProfile
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .store import GpuInfo
+    import tensorrt as trt
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +72,6 @@ class TrtSettings:
     precision: str = "fp32"
     tf32: bool = True
     builder_optimization_level: int = DEFAULT_OPT_LEVEL
-    refittable: bool = False
     hardware_compatibility: str = "none"
     version_compatible: bool = False
     workspace_gb: float | None = None
@@ -91,57 +99,6 @@ class TrtSettings:
         return asdict(self)
 
 
-# ---- availability ----------------------------------------------------------------------------------
-def load_tensorrt() -> Any:
-    """The real ``tensorrt`` module, or :class:`BackendUnavailableError`.
-
-    ``import tensorrt`` alone is not enough: the ``tensorrt-stubs`` package installs a
-    ``tensorrt`` namespace with type stubs only, which imports fine and has no Builder.
-    """
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise BackendUnavailableError("TensorRT is not installed",
-                                      "pip install tensorrt (NVIDIA GPU), or use --backend onnxruntime") from None
-    if not hasattr(trt, "Builder"):
-        raise BackendUnavailableError("only TensorRT type stubs are installed, not TensorRT",
-                                      "pip install tensorrt (NVIDIA GPU), or use --backend onnxruntime")
-    return trt
-
-
-def trt_version() -> str | None:
-    try:
-        return str(load_tensorrt().__version__)
-    except BackendUnavailableError:
-        return None
-
-
-def gpu_info() -> GpuInfo | None:
-    """Name and compute capability of CUDA device 0 (None without a usable CUDA GPU)."""
-    from .store import GpuInfo
-
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return None
-        major, minor = torch.cuda.get_device_capability(0)
-        return GpuInfo(torch.cuda.get_device_name(0), f"{major}.{minor}")
-    except Exception:  # noqa: BLE001 -- a broken driver is "no GPU" for our purposes
-        return None
-
-
-def trt_status() -> tuple[bool, str]:
-    """(usable, why not): TensorRT installed for real and a CUDA GPU present."""
-    try:
-        load_tensorrt()
-    except BackendUnavailableError as exc:
-        return False, exc.message
-    if gpu_info() is None:
-        return False, "no CUDA GPU is visible (torch.cuda.is_available() is False)"
-    return True, "ok"
-
-
 # ---- polygraphy objects (no TensorRT needed to construct) -------------------------------------------
 def polygraphy_profiles(profiles: Sequence[PlannedProfile]) -> list[Any]:
     """One ``polygraphy.backend.trt.Profile`` per planned profile, inputs in spec order."""
@@ -158,7 +115,8 @@ def polygraphy_profiles(profiles: Sequence[PlannedProfile]) -> list[Any]:
 
 def enum_names(settings: TrtSettings) -> dict[str, Any]:
     """The TensorRT enum members ``settings`` needs, by name (resolved by :func:`resolve_enums`)."""
-    out: dict[str, Any] = {"hardware_compatibility_level": HARDWARE_COMPAT[settings.hardware_compatibility]}
+    out: dict[str, Any] = {"hardware_compatibility_level": HARDWARE_COMPAT[settings.hardware_compatibility],
+                           "profiling_verbosity": "LAYER_NAMES_ONLY"}
     if settings.native_instancenorm:
         out["parser_flags"] = ["NATIVE_INSTANCENORM"]
     if settings.workspace_gb is not None:
@@ -175,7 +133,8 @@ def resolve_enums(settings: TrtSettings) -> dict[str, Any]:
     hw: trt.HardwareCompatibilityLevel = trt.HardwareCompatibilityLevel.__members__[
         names["hardware_compatibility_level"]
     ]
-    out: dict[str, Any] = {"hardware_compatibility_level": hw}
+    verbosity: trt.ProfilingVerbosity = trt.ProfilingVerbosity.__members__[names["profiling_verbosity"]]
+    out: dict[str, Any] = {"hardware_compatibility_level": hw, "profiling_verbosity": verbosity}
     if "parser_flags" in names:
         flags: list[trt.OnnxParserFlag] = [trt.OnnxParserFlag.__members__[n] for n in names["parser_flags"]]
         out["parser_flags"] = flags
@@ -211,6 +170,7 @@ def create_config(
     if with_trt:
         enums = resolve_enums(settings)
         kwargs["hardware_compatibility_level"] = enums["hardware_compatibility_level"]
+        kwargs["profiling_verbosity"] = enums["profiling_verbosity"]
         if "memory_pool_limits" in enums:
             kwargs["memory_pool_limits"] = enums["memory_pool_limits"]
     elif settings.hardware_compatibility != "none" or settings.workspace_gb is not None:
@@ -223,11 +183,8 @@ def create_config(
         profiles=polygraphy_profiles(profiles),
         load_timing_cache=str(timing_cache) if timing_cache else None,
         builder_optimization_level=settings.builder_optimization_level,
-        refittable=settings.refittable,
         version_compatible=settings.version_compatible or None,
-        # The lean runtime is only needed to run version-compatible plans on another
-        # TensorRT; our loader uses the installed full runtime.
-        exclude_lean_runtime=True if settings.version_compatible else None,
+        # The embedded lean runtime is what lets a later TensorRT run the plan: keep it.
         **kwargs,
     )
 
@@ -235,15 +192,15 @@ def create_config(
 # ---- build -------------------------------------------------------------------------------------------
 def build_engine(
     onnx_path: Path, plan_path: Path, settings: TrtSettings, profiles: Sequence[PlannedProfile], *,
-    timing_cache: Path | None = None, name: str = "",
+    spec: ComponentSpec, timing_cache: Path | None = None, name: str = "", check_accuracy: bool = True,
 ) -> dict[str, Any]:
-    """Build and atomically write one plan; return what to record (seconds, profile count)."""
-    trt = load_tensorrt()
+    """Build, check and atomically write one plan; return what to record (seconds, profiles, accuracy)."""
+    trt_module = load_tensorrt()
     from polygraphy.backend.trt import EngineBytesFromNetwork
     from polygraphy.exception import PolygraphyException
 
     t0 = time.perf_counter()
-    log.info("%s: building TensorRT %s plan (%s, %d profile(s), opt level %d) ...", name, trt.__version__,
+    log.info("%s: building TensorRT %s plan (%s, %d profile(s), opt level %d) ...", name, trt_module.__version__,
              settings.precision, len(profiles), settings.builder_optimization_level)
     try:
         network = network_loader(onnx_path, settings, with_trt=True)
@@ -254,26 +211,27 @@ def build_engine(
     except PolygraphyException as exc:
         raise EngineBuildError(f"{name}: TensorRT could not build the engine ({exc})",
                                "rerun with -v for TensorRT's log; check the ONNX with `polygraphy inspect model`") from None
-    data = bytes(memoryview(serialized))
-    n_profiles = check_plan(data, len(profiles), name)
-    atomic_write_bytes(plan_path, data)
+    # TensorRT's IHostMemory is a buffer: it is deserialized and written as it is (no bytes() copy).
+    plan = memoryview(serialized)
+    size = plan.nbytes
+    runtime, engine = deserialize_engine(plan, version_compatible=settings.version_compatible,
+                                         what=f"the {name} plan it just built")
+    n_profiles = check_plan(engine, len(profiles), name)
+    record: dict[str, Any] = {"num_profiles": n_profiles, "size_bytes": size}
+    if check_accuracy:
+        from .trt_accuracy import check_engine
+
+        record["accuracy"] = check_engine(engine, onnx_path, spec, profiles, settings.precision)
+    del engine, runtime
+    atomic_write_bytes(plan_path, plan)
+    del plan, serialized
     seconds = time.perf_counter() - t0
-    log.info("%s: TensorRT plan written (%.1f MB, %d profile(s)) in %.1fs", name, len(data) / 1e6, n_profiles,
-             seconds)
-    return {"seconds": round(seconds, 2), "num_profiles": n_profiles, "size_bytes": len(data)}
+    log.info("%s: TensorRT plan written (%.1f MB, %d profile(s)) in %.1fs", name, size / 1e6, n_profiles, seconds)
+    return {"seconds": round(seconds, 2), **record}
 
 
-def check_plan(data: bytes, expected_profiles: int, name: str) -> int:
-    """Deserialize the fresh plan once and check its profile count (catches a silent failure)."""
-    load_tensorrt()
-    import tensorrt as trt
-
-    logger = trt.Logger(trt.Logger.WARNING)
-    runtime = trt.Runtime(logger)
-    engine = runtime.deserialize_cuda_engine(data)
-    if engine is None:
-        raise EngineBuildError(f"{name}: the plan TensorRT just built does not deserialize",
-                               "rerun with -v for TensorRT's log")
+def check_plan(engine: trt.ICudaEngine, expected_profiles: int, name: str) -> int:
+    """The fresh plan's profile count, checked against the plan (catches a silent failure)."""
     n = int(engine.num_optimization_profiles)
     if n != expected_profiles:
         raise EngineBuildError(f"{name}: plan has {n} profiles, {expected_profiles} were planned",

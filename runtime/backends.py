@@ -2,8 +2,10 @@
 
 Each backend module exposes ``available() -> tuple[bool, str]`` (and why not) and
 ``create(ctx: ComponentContext) -> ComponentRunner``. Modules are imported lazily, so
-a machine without TensorRT or CUDA never imports them. ``backend="auto"`` picks the
-first available in :data:`AUTO_ORDER` and says which (log line + ``pipeline.backend``).
+a machine without TensorRT or CUDA never imports them. :func:`resolve_backend` is the one
+place ``backend="auto"`` is decided (log line + ``pipeline.backend``): TensorRT where
+TensorRT engines were built and TensorRT is usable, else ONNX Runtime. ``torch`` is
+never picked by ``auto``: it is the eager reference, chosen by name.
 """
 
 from __future__ import annotations
@@ -28,9 +30,6 @@ BACKENDS: dict[str, str] = {
     "onnxruntime": "sdxl_export.runtime.onnxruntime_backend",
     "torch": "sdxl_export.runtime.torch_backend",
 }
-
-#: auto: TensorRT engines where built and usable, else ONNX Runtime (CUDA or CPU).
-AUTO_ORDER = ("tensorrt", "onnxruntime")
 
 
 @dataclass
@@ -67,18 +66,26 @@ def backend_available(name: str) -> tuple[bool, str]:
     return bool(ok), str(why)
 
 
-def resolve_backend(name: str) -> str:
-    """Turn ``"auto"`` into a concrete backend; check an explicit one is available."""
+def resolve_backend(name: str, store: Any | None = None) -> str:
+    """The backend to run with: ``name`` checked, or ``"auto"`` decided from ``store``.
+
+    ``store`` is the artifact folder's :class:`~sdxl_export.engines.store.EngineStore` (None
+    without ``engines/``). ``auto``: TensorRT when the store holds TensorRT engines and
+    TensorRT is usable here (else a warning saying why not), otherwise ONNX Runtime.
+    """
     if name == "auto":
-        reasons = []
-        for cand in AUTO_ORDER:
-            ok, why = backend_available(cand)
+        entries = getattr(store, "entries", None) or {}
+        if any(getattr(e, "backend", None) == "tensorrt" for e in entries.values()):
+            ok, why = backend_available("tensorrt")
             if ok:
-                log.info("backend auto -> %s", cand)
-                return cand
-            reasons.append(f"{cand}: {why}")
-        raise BackendUnavailableError("no backend is available (" + "; ".join(reasons) + ")",
-                                      "pip install onnxruntime")
+                log.info("backend auto -> tensorrt (TensorRT engines built and TensorRT usable)")
+                return "tensorrt"
+            log.warning("TensorRT engines are built but not usable here (%s): using onnxruntime", why)
+        ok, why = backend_available("onnxruntime")
+        if not ok:
+            raise BackendUnavailableError(f"no backend is available (onnxruntime: {why})", "pip install onnxruntime")
+        log.info("backend auto -> onnxruntime")
+        return "onnxruntime"
     ok, why = backend_available(name)
     if not ok:
         raise BackendUnavailableError(f"backend {name!r} is not available: {why}",

@@ -27,10 +27,12 @@ Usage::
 
 Rules the caller must follow (they are what makes replay correct):
 
-* ``fn`` must be capturable: no host synchronisation (``.item()``, ``.cpu()``, printing
+* ``fn`` should be capturable: no host synchronisation (``.item()``, ``.cpu()``, printing
   a tensor, data-dependent Python control flow), no allocations outside the current
-  stream's pool, no CPU tensors. A capture failure raises :class:`GraphCaptureError`;
-  the hint says to run with CUDA graphs off.
+  stream's pool, no CPU tensors. When a capture fails anyway, that shape runs eagerly
+  from then on (``fn`` on the caller's tensors, warning logged once per shape,
+  ``stats.eager_calls`` counts it); ``fallback=False`` raises :class:`GraphCaptureError`
+  instead.
 * ``fn`` must depend on nothing but the static inputs' *values* and shapes: anything
   else it reads (weights, buffers) must stay at the same address for the cache's life.
 * Keys are the inputs' names, shapes, dtypes and devices (:func:`shape_signature`); a
@@ -47,9 +49,19 @@ deferred shape updates -- must not happen inside a capture). All graphs of one c
 one private memory pool (``torch.cuda.graph_pool_handle()``) so that intermediates of
 different shapes reuse the same memory; that is safe because one lock serialises every
 capture and replay of a cache (a graph's static buffers make replay non-reentrant).
-Captures of all caches in the process are serialised by one more lock (PyTorch allows
-one capture at a time) and use ``capture_error_mode="thread_local"``, so other threads
-may keep running CUDA work while a graph is being captured.
+
+Streams and ordering (what may be shared between threads): a :class:`GraphCache` may be
+called from any thread; its lock covers refill, replay and the output clone. Callers may
+be on different streams, so each graph records an event after its replay and clone, and
+the next caller's stream waits on it before refilling the static inputs (otherwise a
+refill on stream B could overwrite inputs that stream A's replay has not read yet). The
+side stream and every ``current_stream`` are taken on the *inputs'* device, under
+``torch.cuda.device(that device)``. Captures of all caches in the process are serialised
+by one more lock (PyTorch allows one capture at a time), use
+``capture_error_mode="thread_local"``, and call ``CUDAGraph.capture_begin``/``capture_end``
+directly instead of ``torch.cuda.graph``, whose entry synchronises the whole device and
+empties the allocator cache -- that would stall every other thread's work at each capture;
+only the side stream is synchronised here.
 """
 
 from __future__ import annotations
@@ -154,6 +166,10 @@ class LRUCache(Generic[K, V]):
         """Keys from least to most recently used."""
         return list(self._items)
 
+    def values(self) -> list[V]:
+        """Values from least to most recently used (does not mark them used)."""
+        return list(self._items.values())
+
     def __contains__(self, key: object) -> bool:
         return key in self._items
 
@@ -203,11 +219,14 @@ class GraphCache:
         max_graphs: int = DEFAULT_MAX_GRAPHS,
         warmup_runs: int = DEFAULT_WARMUP_RUNS,
         clone_outputs: bool = True,
+        fallback: bool = True,
     ):
         self.name = name
         self.enabled = bool(enabled)
         self.warmup_runs = max(1, int(warmup_runs))
         self.clone_outputs = bool(clone_outputs)
+        self.fallback = bool(fallback)
+        self._eager_keys: set[ShapeKey] = set()  # shapes whose capture failed: run eagerly
         self.stats = GraphStats()
         self._graphs: LRUCache[ShapeKey, CapturedGraph] = LRUCache(max_graphs, self._release)
         self._lock = threading.RLock()
@@ -239,65 +258,86 @@ class GraphCache:
             return dict(fn(feeds))
         key = shape_signature(feeds)
         with self._lock:
-            entry = self._graphs.get(key)
-            if entry is None:
-                entry = self._capture(key, feeds, fn)
-                self._graphs.put(key, entry)
-                self.stats.evictions = self._graphs.evictions
-            else:
-                for name, static in entry.static_inputs.items():
-                    static.copy_(feeds[name], non_blocking=True)
-            try:
-                entry.graph.replay()
-            except RuntimeError as exc:
-                raise GraphCaptureError(
-                    f"{self.name}: replay of the CUDA graph for {_describe(key)} failed: {exc}",
-                    "run with CUDA graphs disabled (cuda_graphs=False)",
-                ) from exc
-            entry.replays += 1
-            self.stats.replays += 1
-            if self.clone_outputs:
-                return {n: t.clone() for n, t in entry.static_outputs.items()}
-            return dict(entry.static_outputs)
+            if key in self._eager_keys:
+                self.stats.eager_calls += 1
+                return dict(fn(feeds))
+            device = _device_of(self.name, feeds)
+            with torch.cuda.device(device):
+                entry = self._graphs.get(key)
+                stream = torch.cuda.current_stream(device)
+                if entry is None:
+                    try:
+                        entry = self._capture(key, feeds, fn, device)
+                    except GraphCaptureError as exc:
+                        if not self.fallback:
+                            raise
+                        self._eager_keys.add(key)
+                        log.warning("%s; running this shape eagerly from now on", exc.message)
+                        self.stats.eager_calls += 1
+                        return dict(fn(feeds))
+                    self._graphs.put(key, entry)
+                    self.stats.evictions = self._graphs.evictions
+                else:
+                    # The last replay (on whatever stream) must have read the static inputs
+                    # and its outputs must have been cloned before they are overwritten.
+                    done = entry.extra.get("done")
+                    if done is not None:
+                        stream.wait_event(done)
+                    for name, static in entry.static_inputs.items():
+                        static.copy_(feeds[name], non_blocking=True)
+                try:
+                    entry.graph.replay()
+                except RuntimeError as exc:
+                    raise GraphCaptureError(
+                        f"{self.name}: replay of the CUDA graph for {_describe(key)} failed: {exc}",
+                        "run with CUDA graphs disabled (cuda_graphs=False)",
+                    ) from exc
+                entry.replays += 1
+                self.stats.replays += 1
+                out = ({n: t.clone() for n, t in entry.static_outputs.items()} if self.clone_outputs
+                       else dict(entry.static_outputs))
+                done = entry.extra.get("done") or torch.cuda.Event()
+                done.record(stream)
+                entry.extra["done"] = done
+                return out
 
     def clear(self) -> None:
         """Drop every graph and its buffers (call when the component closes)."""
         with self._lock:
             self._graphs.clear()
+            self._eager_keys.clear()
             self._pool = None
             self._stream = None
 
     # ---- capture ------------------------------------------------------------------------------
-    def _capture(self, key: ShapeKey, feeds: Mapping[str, torch.Tensor], fn: GraphFn) -> CapturedGraph:
-        for name, t in feeds.items():
-            if not isinstance(t, torch.Tensor) or t.device.type != "cuda":
-                raise InvalidRequestError(
-                    f"{self.name}: CUDA graphs need CUDA tensors, input {name!r} is on "
-                    f"{getattr(t, 'device', type(t).__name__)}",
-                    "move the inputs to the GPU, or disable CUDA graphs (cuda_graphs=False)",
-                )
+    def _capture(self, key: ShapeKey, feeds: Mapping[str, torch.Tensor], fn: GraphFn,
+                 device: torch.device) -> CapturedGraph:
         log.info("%s: capturing a CUDA graph for %s", self.name, _describe(key))
         # Static inputs come from the ordinary allocator (outside the graph pool): they
         # outlive every capture and are only ever written by copy_().
         static_inputs = {n: torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
                          for n, t in feeds.items()}
-        if self._pool is None:
+        if self._pool is None or self._stream is None or self._stream.device != device:
             self._pool = torch.cuda.graph_pool_handle()
-            self._stream = torch.cuda.Stream()
+            self._stream = torch.cuda.Stream(device=device)
         side = self._stream
-        caller = torch.cuda.current_stream()
+        caller = torch.cuda.current_stream(device)
         try:
             with _CAPTURE_LOCK:
                 side.wait_stream(caller)
                 with torch.cuda.stream(side):
                     for _ in range(self.warmup_runs):
                         fn(static_inputs)
-                caller.wait_stream(side)
+                side.synchronize()  # this stream only: other threads' work keeps running
                 graph = torch.cuda.CUDAGraph()
                 # One capture stream per pool (PyTorch's advice for pool sharing); "thread_local"
                 # so that other threads' CUDA work (other runners) does not break this capture.
-                with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
-                    outputs = fn(static_inputs)
+                with torch.cuda.stream(side):
+                    graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+                    try:
+                        outputs = fn(static_inputs)
+                    finally:
+                        graph.capture_end()
                 caller.wait_stream(side)
             static_outputs = dict(outputs)
         except RuntimeError as exc:
@@ -319,6 +359,21 @@ class GraphCache:
             reset()
         entry.static_inputs.clear()
         entry.static_outputs.clear()
+
+
+def _device_of(name: str, feeds: Mapping[str, torch.Tensor]) -> torch.device:
+    """The one CUDA device of the inputs (InvalidRequestError for CPU or mixed devices)."""
+    for n, t in feeds.items():
+        if not isinstance(t, torch.Tensor) or t.device.type != "cuda":
+            raise InvalidRequestError(
+                f"{name}: CUDA graphs need CUDA tensors, input {n!r} is on {getattr(t, 'device', type(t).__name__)}",
+                "move the inputs to the GPU, or disable CUDA graphs (cuda_graphs=False)",
+            )
+    devices = {t.device for t in feeds.values()}
+    if len(devices) != 1:
+        raise InvalidRequestError(f"{name}: CUDA graph inputs are on several devices {sorted(map(str, devices))}",
+                                  "put every input on the component's device")
+    return next(iter(devices))
 
 
 def _describe(key: ShapeKey) -> str:

@@ -33,7 +33,7 @@ from ..buckets import nearest_bucket
 from ..errors import ArtifactError, MissingComponentError, NumericalError
 from .artifact_reader import REQUIRED_COMPONENTS, Artifacts, read_artifacts
 from .backend import ComponentRunner
-from .backends import ComponentContext, backend_available, create_runner, resolve_backend
+from .backends import ComponentContext, create_runner, resolve_backend
 from .prompts import EncodedPrompts, PromptEncoder
 from .request import SampleRequest, check_request, repeat_per_image
 from .schedulers import SchedulerFactory, base_timesteps, refiner_timesteps, step_kwargs
@@ -62,22 +62,6 @@ def _all_finite(x: torch.Tensor) -> bool:
     if x.device.type == "cpu":
         return bool(np.isfinite(x.detach().numpy()).all())
     return bool(torch.isfinite(x).all())
-
-
-def choose_backend(name: str, store: Any | None) -> str:
-    """``auto``: TensorRT when the store holds TensorRT engines and TensorRT is usable, else ORT."""
-    if name != "auto":
-        return resolve_backend(name)
-    entries = getattr(store, "entries", {}) or {}
-    if any(getattr(e, "backend", None) == "tensorrt" for e in entries.values()):
-        ok, why = backend_available("tensorrt")
-        if ok:
-            log.info("backend auto -> tensorrt (TensorRT engines built and TensorRT usable)")
-            return "tensorrt"
-        log.warning("TensorRT engines are built but not usable here (%s): using onnxruntime", why)
-    chosen = resolve_backend("onnxruntime")
-    log.info("backend auto -> onnxruntime")
-    return chosen
 
 
 def choose_device(device: str, backend: str) -> str:
@@ -135,7 +119,7 @@ class SDXLPipeline:
             for name in names:
                 arts.check_files(name, hashes=True)
         store = arts.engine_store
-        chosen = choose_backend(backend, store)
+        chosen = resolve_backend(backend, store)
         dev = choose_device(device, chosen)
         runners: dict[str, ComponentRunner] = {}
         try:

@@ -26,8 +26,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-#: The modules that call TensorRT's API (add runtime/tensorrt_runner.py when it exists).
-TRT_MODULES = [p for p in ("engines/trt_builder.py", "runtime/tensorrt_runner.py") if (ROOT / p).is_file()]
+#: The modules that call TensorRT's API, or run TensorRT objects (executor, lanes, accuracy).
+TRT_MODULES = ["tensorrt_env.py", "engines/trt_builder.py", "engines/trt_accuracy.py", "runtime/tensorrt_runner.py",
+               "runtime/trt_exec.py", "runtime/lanes.py"]
 
 MYPY_INI = """\
 [mypy]
