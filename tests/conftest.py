@@ -52,3 +52,21 @@ def _quiet_third_party_logs():
     for name in ("transformers", "diffusers", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.ERROR)
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu``/``trt`` tests skip with the reason on a machine without them (``-m gpu`` / ``-m trt``
+    then report what is missing instead of erroring deep inside a build)."""
+    marked = [i for i in items if "gpu" in i.keywords or "trt" in i.keywords]
+    if not marked:
+        return
+    import torch
+    from sdxl_export.tensorrt_env import trt_status
+
+    no_gpu = None if torch.cuda.is_available() else "needs a CUDA GPU (torch.cuda.is_available() is False)"
+    trt_ok, trt_why = trt_status()
+    no_trt = None if trt_ok else f"needs TensorRT: {trt_why}"
+    for item in marked:
+        reason = (no_trt if "trt" in item.keywords else None) or (no_gpu if "gpu" in item.keywords else None)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))

@@ -177,13 +177,38 @@ def test_uncapturable_fn_is_a_named_error():
             return {"out": feeds["x"] * 2}
         return {"out": feeds["x"] + 1}
 
-    cache = GraphCache(name="bad")
+    strict = GraphCache(name="bad", fallback=False)
     with pytest.raises(GraphCaptureError, match="could not capture") as info:
-        cache.run({"x": torch.randn(4, device="cuda")}, syncs)
+        strict.run({"x": torch.randn(4, device="cuda")}, syncs)
     assert "cuda_graphs=False" in info.value.hint
-    assert len(cache) == 0
+    assert len(strict) == 0
     torch.cuda.synchronize()  # the device is still usable
-    assert cache.run({"x": torch.ones(2, device="cuda")}, affine_free)["out"].tolist() == [2.0, 2.0]
+    assert strict.run({"x": torch.ones(2, device="cuda")}, affine_free)["out"].tolist() == [2.0, 2.0]
+
+    cache = GraphCache(name="bad")  # default: that shape falls back to eager, correctly, from then on
+    x = torch.randn(4, device="cuda")
+    for _ in range(2):
+        torch.testing.assert_close(cache.run({"x": x}, syncs)["out"], x + 1)
+    assert len(cache) == 0 and cache.stats.eager_calls == 2
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_callers_on_different_streams_never_overwrite_a_pending_replay():
+    """A then B on two streams: B's refill of the static inputs waits for A's replay and clone."""
+    cache = GraphCache(name="affine")
+    fa, fb = cuda_feeds(256, seed=1), cuda_feeds(256, seed=2)
+    cache.run(fa, affine)  # capture
+    sa, sb = torch.cuda.Stream(), torch.cuda.Stream()
+    for _ in range(20):
+        with torch.cuda.stream(sa):
+            torch.cuda._sleep(1_000_000)  # A's stream is busy: its replay runs late
+            out_a = cache.run(fa, affine)["out"]
+        with torch.cuda.stream(sb):
+            out_b = cache.run(fb, affine)["out"]
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out_a, affine(fa)["out"])
+        torch.testing.assert_close(out_b, affine(fb)["out"])
 
 
 def affine_free(feeds):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from sdxl_export import tensorrt_env
 from sdxl_export.engines import trt_builder
 from sdxl_export.engines.planner import plan_profiles
 from sdxl_export.engines.sources import specs_for_plan
@@ -22,7 +23,7 @@ from sdxl_export.engines.trt_builder import (
 )
 from sdxl_export.errors import BackendUnavailableError, InvalidRequestError
 
-REAL_TRT = trt_builder.trt_version() is not None
+REAL_TRT = tensorrt_env.trt_version() is not None
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_polygraphy_profiles_mirror_the_plan(unet_plan):
 def test_create_config_sets_precision_profiles_and_options(unet_plan, tmp_path, precision, fp16, bf16):
     from polygraphy.backend.trt import CreateConfig
 
-    settings = TrtSettings(precision=precision, builder_optimization_level=5, refittable=True,
+    settings = TrtSettings(precision=precision, builder_optimization_level=5,
                            version_compatible=True)
     cache = tmp_path / "timing.cache"
     cfg = create_config(settings, unet_plan.profiles, timing_cache=cache)
@@ -60,8 +61,9 @@ def test_create_config_sets_precision_profiles_and_options(unet_plan, tmp_path, 
     assert tuple(cfg.profiles[0]["sample"].max) == unet_plan.profiles[0].shapes["sample"][2]
     assert cfg.timing_cache_path == str(cache)
     assert cfg.builder_optimization_level == 5
-    assert cfg.refittable is True
-    assert cfg.version_compatible is True and cfg.exclude_lean_runtime is True
+    assert cfg.refittable is False  # nothing refits plans: never built refittable
+    # Version-compatible plans keep the lean runtime inside: a later TensorRT runs them with it.
+    assert cfg.version_compatible is True and not cfg.exclude_lean_runtime
 
 
 def test_create_config_defaults_are_tensorrt_defaults(unet_plan):
@@ -75,9 +77,10 @@ def test_create_config_defaults_are_tensorrt_defaults(unet_plan):
 def test_enum_options_need_tensorrt_and_map_by_name(unet_plan):
     s = TrtSettings(hardware_compatibility="ampere_plus", workspace_gb=2)
     assert enum_names(s) == {"hardware_compatibility_level": "AMPERE_PLUS", "parser_flags": ["NATIVE_INSTANCENORM"],
-                             "memory_pool_limits": {"WORKSPACE": 2 * 1024**3}}
+                             "memory_pool_limits": {"WORKSPACE": 2 * 1024**3},
+                             "profiling_verbosity": "LAYER_NAMES_ONLY"}
     assert enum_names(TrtSettings(hardware_compatibility="same_compute_capability", native_instancenorm=False)) == {
-        "hardware_compatibility_level": "SAME_COMPUTE_CAPABILITY"}
+        "hardware_compatibility_level": "SAME_COMPUTE_CAPABILITY", "profiling_verbosity": "LAYER_NAMES_ONLY"}
     if not REAL_TRT:
         with pytest.raises(BackendUnavailableError):
             create_config(s, unet_plan.profiles)
@@ -106,10 +109,23 @@ def test_type_stubs_are_not_tensorrt():
 
     assert not hasattr(tensorrt, "Builder")
     with pytest.raises(BackendUnavailableError, match="stubs"):  # ... and is recognised as not TensorRT
-        trt_builder.load_tensorrt()
-    ok, why = trt_builder.trt_status()
+        tensorrt_env.load_tensorrt()
+    ok, why = tensorrt_env.trt_status()
     assert not ok and "stubs" in why
-    assert trt_builder.trt_version() is None
+    assert tensorrt_env.trt_version() is None
+
+
+def test_tensorrt_older_than_10_1_is_refused(monkeypatch):
+    import types
+
+    fake = types.ModuleType("tensorrt")
+    fake.Builder, fake.__version__ = object, "10.0.1.6"
+    monkeypatch.setitem(__import__("sys").modules, "tensorrt", fake)
+    with pytest.raises(BackendUnavailableError, match=r"TensorRT 10.0.1.6 is installed.*>= 10.1") as info:
+        tensorrt_env.load_tensorrt()
+    assert "tensorrt>=10.1" in info.value.hint
+    fake.__version__ = "10.1.0"
+    assert tensorrt_env.load_tensorrt() is fake
 
 
 @pytest.mark.trt
@@ -124,7 +140,9 @@ def test_real_build_of_tiny_vae_decoder(tmp_path):
     plan = plan_profiles({"vae_decoder": specs["vae_decoder"]}, native=native, mode="bucketed")
     cp = plan.components["vae_decoder"]
     info = trt_builder.build_engine(out / m["components"]["vae_decoder"]["file"], tmp_path / "e.plan",
-                                    TrtSettings(), cp.profiles, timing_cache=tmp_path / "t.cache", name="vae")
+                                    TrtSettings(), cp.profiles, spec=cp.spec, timing_cache=tmp_path / "t.cache",
+                                    name="vae")
     assert info["num_profiles"] == len(cp.profiles)
+    assert [p["profile"] for p in info["accuracy"]["profiles"]] == list(range(len(cp.profiles)))
     assert Path(tmp_path / "e.plan").stat().st_size == info["size_bytes"]
     assert (tmp_path / "t.cache").is_file()

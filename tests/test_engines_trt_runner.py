@@ -43,34 +43,86 @@ def test_runner_refuses_what_it_cannot_run():
         tensorrt_runner.create(_ctx(_entry("tensorrt"), device="cpu"))
     with pytest.raises(InvalidRequestError, match="unknown tensorrt backend option"):
         tensorrt_runner.create(_ctx(_entry("tensorrt"), graphs=True))
+    with pytest.raises(InvalidRequestError, match="max_graphs"):
+        tensorrt_runner.create(_ctx(_entry("tensorrt"), max_graphs=0))
     runner = tensorrt_runner.create(_ctx(_entry("tensorrt")))
-    assert not runner.is_open and runner.graphs.enabled  # nothing touched CUDA yet
+    assert not runner.is_open and runner.cuda_graphs and runner.graph_stats == {}  # nothing touched CUDA yet
     runner.check_supported(2, 256, 256)  # a planned bucket: fine before open()
+
+
+@pytest.fixture(scope="module")
+def trt_build(tmp_path_factory):
+    """Tiny TensorRT engines for two buckets (GPU + TensorRT only)."""
+    from sdxl_export.engines.build import BuildOptions, build
+    from sdxl_export.engines.store import load_engine_store
+
+    out = tmp_path_factory.mktemp("trt") / "art"
+    build(BuildOptions(out=out, backend="tensorrt", buckets="256x256,128x512", batch_sizes=(1,)))
+    return out, load_engine_store(out).verify("unet")
+
+
+def _runners(out, e, **options):
+    from sdxl_export.runtime.onnxruntime_backend import create as create_ort
+
+    ctx = ComponentContext(artifacts=out, name="unet", spec=e.spec, export_entry={}, engine_entry=e, device="cuda",
+                           options=options)
+    ort_ctx = ComponentContext(artifacts=out, name="unet", spec=e.spec,
+                               export_entry={"file": "onnx/unet/model.onnx"}, device="cpu")
+    return tensorrt_runner.create(ctx), create_ort(ort_ctx)
+
+
+def _feeds(e, h, w, seed=0):
+    import torch
+
+    return {k: torch.from_numpy(v) for k, v in e.spec.example_inputs(2, h, w, seed=seed).items()}
 
 
 @pytest.mark.trt
 @pytest.mark.gpu
-def test_tensorrt_engines_match_onnxruntime_and_replay_graphs(tmp_path):
+def test_tensorrt_shapes_a_b_a_graphs_and_eager_match_onnxruntime(trt_build):
     import torch
-    from sdxl_export.engines.build import BuildOptions, build
-    from sdxl_export.engines.store import load_engine_store
-    from sdxl_export.runtime.onnxruntime_backend import create as create_ort
 
-    out = tmp_path / "art"
-    build(BuildOptions(out=out, backend="tensorrt", buckets="256x256,128x512", batch_sizes=(1,)))
-    store = load_engine_store(out)
-    e = store.verify("unet")
-    assert e.backend == "tensorrt" and len(e.profiles) >= 1
-    ctx = ComponentContext(artifacts=out, name="unet", spec=e.spec, export_entry={}, engine_entry=e, device="cuda")
-    ort_ctx = ComponentContext(artifacts=out, name="unet", spec=e.spec,
-                               export_entry={"file": "onnx/unet/model.onnx"}, device="cpu")
-    with tensorrt_runner.create(ctx) as trt_run, create_ort(ort_ctx) as ort_run:
-        for h, w in ((256, 256), (128, 512)):
-            feeds = {k: torch.from_numpy(v) for k, v in e.spec.example_inputs(2, h, w).items()}
+    out, e = trt_build
+    assert e.validation["accuracy"]["profiles"]  # the build ran every profile against the ONNX
+    graphed, ort_run = _runners(out, e)
+    eager, _ = _runners(out, e, cuda_graphs=False)
+    with graphed, eager, ort_run:
+        for h, w in ((256, 256), (128, 512), (256, 256)):  # A -> B -> A
+            feeds = _feeds(e, h, w)
             ref = ort_run(feeds)["noise_pred"]
-            first = trt_run({k: v.cuda() for k, v in feeds.items()})["noise_pred"].cpu()
-            again = trt_run({k: v.cuda() for k, v in feeds.items()})["noise_pred"].cpu()
-            assert torch.equal(first, again)  # replayed graph == captured call
-            assert torch.allclose(first, ref, atol=2e-2)  # fp32/TF32 engine vs ORT fp32
-        assert trt_run.graphs.stats.captures == 2 and trt_run.graphs.stats.replays == 4
-        assert tensorrt_runner.SCRATCH.size > 0
+            g = graphed({k: v.cuda() for k, v in feeds.items()})["noise_pred"].cpu()
+            x = eager({k: v.cuda() for k, v in feeds.items()})["noise_pred"].cpu()
+            torch.testing.assert_close(g, x, rtol=0, atol=0)  # replayed graph == eager enqueue
+            assert torch.allclose(g, ref, atol=2e-2)  # fp32/TF32 engine vs ORT fp32
+        stats = graphed.graph_stats
+        assert stats["captures"] == 2 and stats["replays"] == 3 and stats["contexts"] == 2
+        assert eager.graph_stats["eager_calls"] == 3
+
+
+@pytest.mark.trt
+@pytest.mark.gpu
+def test_tensorrt_four_threads_mixed_buckets_equal_sequential(trt_build):
+    import threading
+
+    import torch
+
+    out, e = trt_build
+    runner, _ = _runners(out, e)
+    sizes = [(256, 256), (128, 512)]
+    with runner:
+        calls = [[(sizes[(t + i) % 2], _feeds(e, *sizes[(t + i) % 2], seed=10 * t + i)) for i in range(6)]
+                 for t in range(4)]
+        sequential = [[runner({k: v.cuda() for k, v in f.items()})["noise_pred"].cpu() for _, f in c] for c in calls]
+        results: list[list] = [[] for _ in calls]
+
+        def worker(t):
+            results[t] = [runner({k: v.cuda() for k, v in f.items()})["noise_pred"].cpu() for _, f in calls[t]]
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        for t in range(4):
+            for got, want in zip(results[t], sequential[t]):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
