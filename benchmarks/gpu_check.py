@@ -15,9 +15,13 @@ What it does, each section guarded so that one failure or missing library prints
    images vs the reference (max abs difference, images in [0, 1]), graph replay vs
    eager, run-to-run determinism, median latency of ``--runs`` calls and median
    per-step UNet time;
-4. TensorRT where ``import tensorrt`` works and this build of sdxl_export has a
-   TensorRT runner: build engines for the checked size, run, compare, time;
-5. a summary table; the exit status is 1 if any check failed, else 0.
+4. TensorRT where it is usable (:mod:`sdxl_export.tensorrt_env`): build fp16 engines for
+   the checked size, then run them eagerly (``cuda_graphs=False``) and with CUDA graphs,
+   each row labelled with what it measured;
+5. with ``--sdxl``: the full-size ``sdxl`` preset (random weights) at 1024x1024, 30 steps,
+   base + refiner, on the PyTorch CUDA backend (fp16, CUDA graphs) against diffusers' own
+   fp16 pipelines on the same GPU in the same run (latency, speedup, pixel difference);
+6. a summary table; the exit status is 1 if any check failed, else 0.
 
 fp32 configs run with TF32 off (``--tf32`` turns it on), so that they can be held to a
 tight bound; TF32 and fp16 are speed settings and get looser bounds.
@@ -253,15 +257,15 @@ def run_config(label: str, artifacts: Path, backend: str, options: dict[str, Any
     try:
         with open_pipeline(artifacts, backend, "cuda", options, report) as pipe:
             image, lat, per_run = measure(pipe, args)
-        diff = max_abs(image, ref)
+        diff = max_abs(image, ref) if ref is not None else float("nan")  # None: no CPU reference (full size)
         jitter = max(max_abs(im, per_run[0]) for im in per_run)
         graphs, warm = lat["graphs"], lat["graphs_after_warmup"]
         problems = []
-        if not diff <= tol:  # also catches NaN
+        if ref is not None and not diff <= tol:  # also catches NaN
             problems.append(f"max |image - reference| {diff:.3e} > {tol:g}")
         if not jitter <= 1e-6:
             problems.append(f"runs with one seed differ by {jitter:.3e}")
-        if options.get("cuda_graphs") and backend == "torch":
+        if options.get("cuda_graphs"):
             # Every graph is captured during warm-up; timed runs only replay.
             if not graphs or any(g["captures"] < 1 for g in graphs.values()):
                 problems.append(f"CUDA graphs on but nothing captured: {graphs}")
@@ -297,26 +301,18 @@ def section_torch(artifacts: Path, ref: Any, args: argparse.Namespace, report: R
 
 
 def tensorrt_version() -> str | None:
-    """TensorRT's version if the real library imports (type stubs alone make a namespace package)."""
-    try:
-        import tensorrt
-    except Exception:  # noqa: BLE001 - any import failure means no TensorRT here
-        return None
-    if getattr(tensorrt, "__file__", None) is None or not hasattr(tensorrt, "Builder"):
-        return None
-    return str(getattr(tensorrt, "__version__", "?"))
+    """The usable TensorRT's version (the package's one availability check), else None."""
+    from sdxl_export.tensorrt_env import trt_version
+
+    return trt_version()
 
 
 def section_tensorrt(artifacts: Path, ref: Any, args: argparse.Namespace, report: Report) -> None:
-    trt_version = tensorrt_version()
-    if trt_version is None:
-        report.add(Result("tensorrt", "SKIP", "tensorrt not installed"))
-        return
-    try:
-        import sdxl_export.runtime.tensorrt_runner  # noqa: F401
-    except ModuleNotFoundError as exc:
-        report.add(Result("tensorrt", "SKIP", f"TensorRT {trt_version} is installed but this sdxl_export "
-                                              f"has no TensorRT runner yet ({exc.name})"))
+    from sdxl_export.tensorrt_env import trt_status
+
+    ok, why = trt_status()
+    if not ok:
+        report.add(Result("tensorrt", "SKIP", why))
         return
     try:
         from sdxl_export.engines.build import BuildOptions, build
@@ -335,9 +331,52 @@ def section_tensorrt(artifacts: Path, ref: Any, args: argparse.Namespace, report
         traceback.print_exc()
         report.add(Result("tensorrt build", "FAIL", _reason(exc)))
         return
-    run_config("tensorrt fp16", artifacts, "tensorrt", {}, args.fp16_tol, ref, args, report)
-    run_config("tensorrt fp16 + cuda graphs", artifacts, "tensorrt", {"cuda_graphs": True}, args.fp16_tol,
-               ref, args, report)
+    _, eager = run_config("tensorrt fp16 eager", artifacts, "tensorrt", {"cuda_graphs": False}, args.fp16_tol,
+                          ref, args, report)
+    _, graphed = run_config("tensorrt fp16 + cuda graphs", artifacts, "tensorrt", {"cuda_graphs": True},
+                            args.fp16_tol, ref, args, report)
+    if eager is not None and graphed is not None:
+        d = max_abs(eager, graphed)
+        report.add(Result("tensorrt fp16: graphs vs eager", "PASS" if d <= 1e-6 else "FAIL",
+                          f"max |d| {d:.2e} (a replayed graph runs the same kernels)", d))
+
+
+def section_sdxl(args: argparse.Namespace, report: Report) -> None:
+    """Full-size SDXL (random weights): our torch CUDA fp16 + graphs vs diffusers fp16, same GPU, same run."""
+    import torch
+    from sdxl_export.benchmarks.baseline import DiffusersBaseline, load_reference_model
+    from sdxl_export.export import export_model
+
+    run = argparse.Namespace(**{**vars(args), "height": 1024, "width": 1024, "steps": args.sdxl_steps})
+    out = Path(args.sdxl_artifacts) if args.sdxl_artifacts else Path(tempfile.mkdtemp(prefix="sdxl-full-")) / "a"
+    t0 = time.perf_counter()
+    export_model("sdxl", out)
+    report.add(Result("export sdxl (full size)", "PASS", f"{out} in {time.perf_counter() - t0:.1f}s"))
+    ours, ours_image = run_config("sdxl 1024 torch cuda fp16 + cuda graphs", out, "torch",
+                                  {"dtype": "float16", "cuda_graphs": True}, float("inf"), None, run, report)
+    torch.cuda.empty_cache()
+    baseline = DiffusersBaseline(load_reference_model(out))
+    for pipe in (baseline.base, baseline.refiner):
+        if pipe is not None:
+            pipe.to("cuda", torch.float16)
+    call: dict[str, Any] = {"height": 1024, "width": 1024, "steps": run.steps, "guidance_scale": 5.0,
+                            "denoising_end": 0.8, "refiner": baseline.has_refiner, "seed": run.seed}
+    for _ in range(run.warmup):
+        baseline([PROMPT], **call)
+    totals, image = [], None
+    for _ in range(run.runs):
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        image = baseline([PROMPT], **call).images
+        torch.cuda.synchronize()
+        totals.append(time.perf_counter() - t1)
+    base_ms = 1e3 * statistics.median(totals)
+    diff = max_abs(ours_image, image) if ours_image is not None and image is not None else None
+    report.add(Result("sdxl 1024 diffusers fp16 (same GPU)", "PASS", f"{run.steps} steps, base + refiner",
+                      diff, base_ms))
+    if ours.median_ms:
+        report.note(f"speedup vs diffusers fp16: {base_ms / ours.median_ms:.2f}x; "
+                    f"max pixel diff {_fmt(diff, '{:.3e}')}")
 
 
 # ---- main --------------------------------------------------------------------------------------------
@@ -366,6 +405,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="also check bfloat16")
     p.add_argument("--bf16-tol", type=float, default=0.15)
     p.add_argument("--tf32", action="store_true", help="allow TF32 in the fp32 configs (then raise --fp32-tol)")
+    p.add_argument("--sdxl", action="store_true",
+                   help="also run the full-size sdxl preset at 1024x1024 vs diffusers fp16 (minutes, ~30 GB disk)")
+    p.add_argument("--sdxl-steps", type=int, default=30, help="steps for --sdxl (default 30)")
+    p.add_argument("--sdxl-artifacts", help="folder for the --sdxl export (default: a temp folder)")
     p.add_argument("--json", help="also write the results to this JSON file")
     return p.parse_args(argv)
 
@@ -389,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         if ref is not None:
             guarded(report, "torch", section_torch, artifacts, ref, args, report)
             guarded(report, "tensorrt", section_tensorrt, artifacts, ref, args, report)
+    if args.sdxl:
+        guarded(report, "sdxl", section_sdxl, args, report)
     print()
     print(report.table())
     if args.json:
