@@ -26,6 +26,7 @@ SUBCOMMAND_MODULES = (
     "sdxl_export.engines.cli",
     "sdxl_export.runtime.cli",
     "sdxl_export.benchmarks.cli",
+    "sdxl_export.serve.cli",
 )
 
 

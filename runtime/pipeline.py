@@ -30,7 +30,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..artifacts import DEFAULT_ARTIFACTS
 from ..buckets import nearest_bucket
-from ..errors import ArtifactError, MissingComponentError, NumericalError
+from ..errors import ArtifactError, MissingComponentError, NumericalError, UnsupportedShapeError
 from .artifact_reader import REQUIRED_COMPONENTS, Artifacts, read_artifacts
 from .backend import ComponentRunner
 from .backends import ComponentContext, create_runner, resolve_backend
@@ -217,20 +217,14 @@ class SDXLPipeline:
         ``output_type``: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
         """
         t0 = time.perf_counter()
-        req = check_request(
+        req = self._request(
             prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, denoising_end=denoising_end,
             refiner=refiner, seed=seed, generator=generator, num_images_per_prompt=num_images_per_prompt,
             scheduler=scheduler, original_size=original_size, crops_coords_top_left=crops_coords_top_left,
             target_size=target_size, aesthetic_score=aesthetic_score,
             negative_aesthetic_score=negative_aesthetic_score, output_type=output_type,
-            native=self.native_size, vae_scale=self.vae_scale,
         )
-        if req.refiner and not self.has_refiner:
-            hint = ("run with refiner=False (--no-refiner)" if not self.artifacts.has_refiner
-                    else "open the pipeline with load_refiner=True, or run with refiner=False")
-            raise MissingComponentError("this pipeline has no refiner", hint)
-        self._check_supported(req)
         timings = StageTimings()
         enc = self.encoder.encode(req.prompts, req.negatives, guidance=req.guidance, refiner=req.refiner,
                                   timings=timings)
@@ -248,15 +242,92 @@ class SDXLPipeline:
                 "refiner_steps": refiner_steps, "guidance": req.guidance, "batch": req.batch}
         return SDXLPipelineOutput(images=images, latents=latents, timings=timings, seed=req.seed, info=info)
 
+    def check_call(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
+                   **kwargs: Any) -> dict[str, Any]:
+        """Check a call's arguments exactly as ``__call__`` would, without running anything.
+
+        Raises the same named errors (:class:`InvalidRequestError`, :class:`UnsupportedShapeError`,
+        :class:`MissingComponentError`); returns the normalised values a server groups requests
+        by: ``height``, ``width``, ``steps``, ``scheduler`` (canonical name), ``guidance``,
+        ``refiner``, ``batch``.
+        """
+        kwargs.setdefault("seed", 0)
+        req = self._request(prompt=prompt, negative_prompt=negative_prompt, **kwargs)
+        return {"height": req.height, "width": req.width, "steps": req.steps, "scheduler": req.scheduler,
+                "guidance_scale": req.guidance_scale, "guidance": req.guidance, "refiner": req.refiner,
+                "denoising_end": req.denoising_end, "batch": req.batch}
+
+    def _request(self, *, prompt: Any, negative_prompt: Any, height: int | None = None,
+                 width: int | None = None, num_inference_steps: int = 30, guidance_scale: float = 5.0,
+                 denoising_end: float = 0.8, refiner: bool = True, seed: int | None = None,
+                 generator: Any = None, num_images_per_prompt: int = 1, scheduler: str = "euler",
+                 original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
+                 target_size: tuple[int, int] | None = None, aesthetic_score: float = 6.0,
+                 negative_aesthetic_score: float = 2.5, output_type: str = "pil") -> SampleRequest:
+        req = check_request(
+            prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, denoising_end=denoising_end,
+            refiner=refiner, seed=seed, generator=generator, num_images_per_prompt=num_images_per_prompt,
+            scheduler=scheduler, original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+            target_size=target_size, aesthetic_score=aesthetic_score,
+            negative_aesthetic_score=negative_aesthetic_score, output_type=output_type,
+            native=self.native_size, vae_scale=self.vae_scale,
+        )
+        if req.refiner and not self.has_refiner:
+            hint = ("run with refiner=False (--no-refiner)" if not self.artifacts.has_refiner
+                    else "open the pipeline with load_refiner=True, or run with refiner=False")
+            raise MissingComponentError("this pipeline has no refiner", hint)
+        self._check_supported(req)
+        return req
+
     def _check_supported(self, req: SampleRequest) -> None:
         """Refuse shapes a fixed-profile engine cannot serve before any work is done."""
-        unet_batch = req.batch * (2 if req.guidance else 1)
-        calls = {"text_encoder": len(req.prompts), "text_encoder_2": len(req.prompts), "unet": unet_batch,
-                 "vae_decoder": req.batch}
-        if req.refiner:
+        self._check_shapes(req.batch, req.height, req.width, guidance=req.guidance, refiner=req.refiner,
+                           prompts=len(req.prompts))
+
+    def _check_shapes(self, batch: int, height: int, width: int, *, guidance: bool, refiner: bool,
+                      prompts: int | None = None) -> None:
+        unet_batch = batch * (2 if guidance else 1)
+        text = batch if prompts is None else prompts
+        calls = {"text_encoder": text, "text_encoder_2": text, "unet": unet_batch, "vae_decoder": batch}
+        if refiner and self.has_refiner:
             calls["refiner_unet"] = unet_batch
-        for name, batch in calls.items():
-            self.runners[name].check_supported(batch, req.height, req.width)
+        for name, n in calls.items():
+            self.runners[name].check_supported(n, height, width)
+
+    # ---- what the engines serve (for servers and batchers) -------------------------------------
+    def serves(self, batch: int, height: int, width: int, *, guidance: bool = True, refiner: bool = True) -> bool:
+        """Whether one call of ``batch`` images (one prompt each) at ``height x width`` runs here.
+
+        The same check a call makes before any work, without raising: engines built over fixed
+        profiles serve their buckets and batch sizes only; a plain export serves anything.
+        """
+        try:
+            self._check_shapes(batch, height, width, guidance=guidance, refiner=refiner)
+        except UnsupportedShapeError:
+            return False
+        return True
+
+    def served_batch_sizes(self, height: int, width: int, *, guidance: bool = True, refiner: bool = True,
+                           limit: int = 64) -> list[int]:
+        """Image batch sizes up to ``limit`` one call at ``height x width`` can run, ascending."""
+        return [b for b in range(1, limit + 1)
+                if self.serves(b, height, width, guidance=guidance, refiner=refiner)]
+
+    def served_sizes(self) -> list[tuple[int, int]] | None:
+        """``(height, width)`` of every bucket all built engines serve, or None when no engine
+        restricts sizes (a plain export runs any multiple of 8)."""
+        store = self.artifacts.engine_store
+        sizes: set[tuple[int, int]] | None = None
+        for name in ("unet", "vae_decoder", "refiner_unet"):
+            entry = getattr(store, "entries", {}).get(name) if store is not None else None
+            if name not in self.runners or entry is None or getattr(entry, "backend", None) != self.backend:
+                continue
+            if not getattr(entry, "profiles", None):
+                continue
+            got = {(int(b.height), int(b.width)) for b in entry.buckets}
+            sizes = got if sizes is None else sizes & got
+        return None if sizes is None else sorted(sizes, key=lambda hw: (hw[0] / hw[1], hw))
 
     def _denoise(self, runner: ComponentRunner, stage: str, sched: Any, timesteps: torch.Tensor,
                  latents: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor, torch.Tensor],

@@ -1,0 +1,252 @@
+"""AUTOMATIC1111 web UI API: ``POST /sdapi/v1/txt2img`` and the lists clients read.
+
+The ``webuiapi`` client (and most SD front ends) send every txt2img field on each call
+(hires fix, face restore, subseeds, sampler noise settings, scripts...). The rule here:
+
+* fields we run: ``prompt``, ``negative_prompt``, ``seed`` (-1 = random), ``steps``,
+  ``cfg_scale``, ``width``, ``height``, ``sampler_name`` (A1111's names; ``sampler_index`` as
+  the older spelling) with the newer ``scheduler`` field, ``batch_size``, ``n_iter``,
+  ``refiner_checkpoint``, ``refiner_switch_at``, ``send_images``;
+* fields that only act through a feature that is off (every ``hr_*`` while ``enable_hr`` is
+  false, ``denoising_strength`` in txt2img, save/grid flags) are accepted whatever their value;
+* fields with a web UI default we reproduce are accepted at that default and refused (400,
+  naming the field) at any other value: ``enable_hr``, ``restore_faces``, ``tiling``,
+  ``subseed_strength``, ``seed_resize_from_*``, ``eta``/``s_*``, ``styles``,
+  ``override_settings``, scripts, ``save_images``;
+* unknown fields (newer web UI versions add some) are accepted when empty/false/zero and
+  refused otherwise. Nothing is silently dropped.
+
+As in the web UI, the refiner runs only when ``refiner_checkpoint`` names it (it is listed by
+``/sdapi/v1/sd-models``), switching at ``refiner_switch_at`` (diffusers' ``denoising_end``).
+Image i uses ``seed + i``; ``info`` (a JSON string, as the web UI sends it) lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .. import __version__
+from .common import ParamError, ParsedRequest, body_dict, get_bool, get_float, get_int, get_str, seeds_for
+
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str
+    aliases: tuple[str, ...]
+    scheduler: str  # our runtime's name
+
+
+SAMPLERS = (
+    Sampler("Euler", ("k_euler",), "euler"),
+    Sampler("Euler a", ("k_euler_a",), "euler_a"),
+    Sampler("DPM++ 2M", ("k_dpmpp_2m",), "dpmpp_2m"),
+    Sampler("DPM++ 2M Karras", ("k_dpmpp_2m_ka",), "dpmpp_2m_karras"),
+    Sampler("DDIM", ("ddim",), "ddim"),
+    Sampler("UniPC", ("unipc",), "unipc"),
+)
+#: A1111's ``scheduler`` field (web UI >= 1.9) values we honour, per sampler.
+SCHEDULE_TYPES = {"automatic": None, "karras": "karras"}
+
+RUN = {"prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height", "sampler_name",
+       "sampler_index", "scheduler", "batch_size", "n_iter", "refiner_checkpoint", "refiner_switch_at",
+       "send_images"}
+#: Harmless whatever their value (the feature they belong to is off, or they only affect saving).
+IGNORED = {"denoising_strength", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
+           "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name",
+           "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_additional_modules", "do_not_save_samples",
+           "do_not_save_grid", "override_settings_restore_afterwards", "subseed", "comments", "force_task_id",
+           "disable_extra_networks", "user", "sampler_index"}
+#: Field -> values equal to the web UI's default behaviour.
+DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "enable_hr": (None, False), "restore_faces": (None, False), "tiling": (None, False),
+    "subseed_strength": (None, 0, 0.0), "seed_resize_from_h": (None, -1, 0), "seed_resize_from_w": (None, -1, 0),
+    "eta": (None, 1.0, 1), "s_churn": (None, 0, 0.0), "s_tmax": (None, 0, 0.0), "s_tmin": (None, 0, 0.0),
+    "s_noise": (None, 1, 1.0), "styles": (None, []), "save_images": (None, False),
+    "script_name": (None, ""), "script_args": (None, []), "alwayson_scripts": (None, {}),
+    "infotext": (None, ""),
+}
+
+
+def _empty(value: Any) -> bool:
+    return value is None or value is False or value == 0 or value == "" or value == [] or value == {}
+
+
+def sampler_for(name: str | None, schedule: str | None) -> tuple[Sampler, str]:
+    """A1111 sampler name (+ schedule type) -> (sampler, runtime scheduler name)."""
+    wanted = (name or "Euler").strip().lower()
+    for s in SAMPLERS:
+        if wanted == s.name.lower() or wanted in s.aliases:
+            break
+    else:
+        raise ParamError("sampler_name", f"sampler {name!r} is not available",
+                         f"use one of: {', '.join(s.name for s in SAMPLERS)} (GET /sdapi/v1/samplers)")
+    key = (schedule or "automatic").strip().lower()
+    if key not in SCHEDULE_TYPES:
+        raise ParamError("scheduler", f"schedule type {schedule!r} is not available",
+                         "use 'Automatic' (or 'Karras' with DPM++ 2M)")
+    if SCHEDULE_TYPES[key] == "karras" and s.scheduler in ("dpmpp_2m", "dpmpp_2m_karras"):
+        return s, "dpmpp_2m_karras"
+    if SCHEDULE_TYPES[key] == "karras":
+        raise ParamError("scheduler", f"schedule type 'Karras' is not available with {s.name}",
+                         "use 'Automatic', or sampler 'DPM++ 2M' with 'Karras'")
+    return s, s.scheduler
+
+
+@dataclass(frozen=True)
+class Models:
+    """The checkpoints this server lists (A1111's ``sd-models``)."""
+
+    base: str
+    refiner: str | None
+    sha256: str
+
+    def titles(self) -> dict[str, str]:
+        out = {self.base: self.title(self.base)}
+        if self.refiner:
+            out[self.refiner] = self.title(self.refiner)
+        return out
+
+    def title(self, name: str) -> str:
+        return f"{name} [{self.sha256[:10]}]"
+
+
+def _check_overrides(value: Any, models: Models) -> None:
+    """``override_settings``: only settings that already hold (this model, CLIP skip 1) pass."""
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise ParamError("override_settings", "'override_settings' must be an object", "pass {}")
+    holds = {"sd_model_checkpoint": {models.base, models.title(models.base)}, "CLIP_stop_at_last_layers": {1},
+             "sd_vae": {"Automatic", "None", None}, "samples_format": {"png"}}
+    for k, v in value.items():
+        if k not in holds or v not in holds[k]:
+            raise ParamError(f"override_settings.{k}", f"override setting {k}={v!r} is not supported here",
+                             f"remove it (this server runs {models.title(models.base)}, CLIP skip 1)")
+
+
+def _check_fields(body: Mapping[str, Any], models: Models) -> None:
+    for key, value in body.items():
+        if key in RUN or key in IGNORED:
+            continue
+        if key == "override_settings":
+            _check_overrides(value, models)
+            continue
+        if key in DEFAULTS:
+            if value not in DEFAULTS[key]:
+                raise ParamError(key, f"'{key}' = {value!r} is not supported by this server",
+                                 f"leave '{key}' at the web UI default ({DEFAULTS[key][1]!r})",
+                                 code="unsupported_value")
+            continue
+        if not _empty(value):
+            raise ParamError(key, f"unknown field '{key}' = {value!r}: this server cannot honour it",
+                             f"remove '{key}'", code="unknown_parameter")
+
+
+def parse_txt2img(body: Any, *, models: Models, max_images: int) -> tuple[ParsedRequest, dict[str, Any]]:
+    body = body_dict(body)
+    _check_fields(body, models)
+    prompt = get_str(body, "prompt", "") or ""
+    negative = get_str(body, "negative_prompt", "") or ""
+    batch_size = get_int(body, "batch_size", 1, lo=1)
+    n_iter = get_int(body, "n_iter", 1, lo=1)
+    assert batch_size is not None and n_iter is not None
+    n = batch_size * n_iter
+    if n > max_images:
+        raise ParamError("batch_size", f"batch_size x n_iter = {n} images, at most {max_images} per request",
+                         "ask for fewer images")
+    sampler_name = get_str(body, "sampler_name") or get_str(body, "sampler_index") or "Euler"
+    sampler, scheduler = sampler_for(sampler_name, get_str(body, "scheduler"))
+    refiner_name = get_str(body, "refiner_checkpoint")
+    use_refiner = False
+    if refiner_name not in (None, "", "None"):
+        names = {models.refiner, models.title(models.refiner)} if models.refiner else set()
+        if refiner_name not in names:
+            have = models.title(models.refiner) if models.refiner else "none (this server was built without one)"
+            raise ParamError("refiner_checkpoint", f"refiner {refiner_name!r} is not served", f"use {have}")
+        use_refiner = True
+    switch = get_float(body, "refiner_switch_at", 0.8, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    steps = get_int(body, "steps", 20, lo=1)
+    cfg = get_float(body, "cfg_scale", 7.0, lo=0.0)
+    width = get_int(body, "width", 512, lo=8)
+    height = get_int(body, "height", 512, lo=8)
+    seed = get_int(body, "seed", -1, lo=-1)
+    get_bool(body, "send_images", True)
+    kwargs: dict[str, Any] = {"height": height, "width": width, "num_inference_steps": steps,
+                              "guidance_scale": cfg, "scheduler": scheduler, "refiner": use_refiner}
+    if use_refiner:
+        kwargs["denoising_end"] = switch
+    parsed = ParsedRequest(prompts=[prompt] * n, negatives=[negative] * n, seeds=seeds_for(seed, n),
+                           kwargs=kwargs, echo=dict(body))
+    meta = {"sampler": sampler.name, "schedule": "Karras" if scheduler == "dpmpp_2m_karras" else "Automatic",
+            "batch_size": batch_size, "refiner": models.refiner if use_refiner else None, "switch": switch}
+    return parsed, meta
+
+
+def infotext(prompt: str, negative: str, seed: int, kw: Mapping[str, Any], meta: Mapping[str, Any],
+             models: Models) -> str:
+    lines = [prompt]
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
+    parts = [f"Steps: {kw['num_inference_steps']}", f"Sampler: {meta['sampler']}",
+             f"Schedule type: {meta['schedule']}", f"CFG scale: {kw['guidance_scale']:g}", f"Seed: {seed}",
+             f"Size: {kw['width']}x{kw['height']}", f"Model hash: {models.sha256[:10]}", f"Model: {models.base}"]
+    if meta.get("refiner"):
+        parts += [f"Refiner: {models.title(meta['refiner'])}", f"Refiner switch at: {meta['switch']:g}"]
+    parts.append(f"Version: sdxl-export {__version__}")
+    lines.append(", ".join(parts))
+    return "\n".join(lines)
+
+
+def txt2img_response(images_b64: list[str], parsed: ParsedRequest, meta: Mapping[str, Any],
+                     models: Models, send_images: bool) -> dict[str, Any]:
+    kw = parsed.kwargs
+    negs = parsed.negatives or [""] * len(parsed.prompts)
+    info = {
+        "prompt": parsed.prompts[0], "all_prompts": parsed.prompts, "negative_prompt": negs[0],
+        "all_negative_prompts": negs, "seed": parsed.seeds[0], "all_seeds": parsed.seeds,
+        "subseed": parsed.seeds[0], "all_subseeds": parsed.seeds, "subseed_strength": 0,
+        "width": kw["width"], "height": kw["height"], "sampler_name": meta["sampler"],
+        "scheduler": meta["schedule"], "cfg_scale": kw["guidance_scale"], "steps": kw["num_inference_steps"],
+        "batch_size": meta["batch_size"], "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": models.base, "sd_model_hash": models.sha256[:10], "sd_vae_name": None,
+        "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": None,
+        "extra_generation_params": ({"Refiner": models.title(meta["refiner"]), "Refiner switch at": meta["switch"]}
+                                    if meta.get("refiner") else {}),
+        "index_of_first_image": 0, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+        "clip_skip": 1, "is_using_inpainting_conditioning": False, "version": f"sdxl-export {__version__}",
+        "infotexts": [infotext(p, n, s, kw, meta, models) for p, n, s in zip(parsed.prompts, negs, parsed.seeds)],
+    }
+    return {"images": images_b64 if send_images else [], "parameters": parsed.echo, "info": json.dumps(info)}
+
+
+def samplers() -> list[dict[str, Any]]:
+    return [{"name": s.name, "aliases": list(s.aliases), "options": {}} for s in SAMPLERS]
+
+
+def schedulers() -> list[dict[str, Any]]:
+    return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False},
+            {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False}]
+
+
+def sd_models(models: Models, artifacts: str) -> list[dict[str, Any]]:
+    return [{"title": title, "model_name": name, "hash": models.sha256[:10], "sha256": models.sha256,
+             "filename": f"{artifacts} ({'refiner' if name == models.refiner else 'base'})", "config": None}
+            for name, title in models.titles().items()]
+
+
+def options(models: Models) -> dict[str, Any]:
+    return {"sd_model_checkpoint": models.title(models.base), "sd_checkpoint_hash": models.sha256,
+            "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1, "samples_format": "png",
+            "eta_ancestral": 1.0, "eta_ddim": 0.0, "s_churn": 0.0, "s_noise": 1.0, "s_tmin": 0.0}
+
+
+def error_body(status: int, message: str, *, kind: str, request_id: str | None = None) -> dict[str, Any]:
+    """The web UI's error shape (its API middleware): error, detail, body, errors."""
+    out = {"error": kind, "detail": message, "body": "", "errors": message}
+    if request_id:
+        out["request_id"] = request_id
+    return out

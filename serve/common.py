@@ -1,0 +1,125 @@
+"""What the three APIs share: field readers that name the field, seeds, PNG encoding.
+
+Each API module (``openai_api``, ``a1111_api``, ``native_api``) turns a JSON body into a
+:class:`ParsedRequest` (prompts, negatives, seeds, pipeline arguments) and results into its
+own response shape. A bad field is a :class:`ParamError` naming it, which ``app.py`` renders
+in that API's error shape with status 400.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InvalidRequestError
+
+#: Seeds are 64-bit (torch.Generator.manual_seed); image i of a request uses seed + i.
+SEED_LIMIT = 2**64
+
+
+class ParamError(InvalidRequestError):
+    """One request field is missing, of the wrong type, or has a value we cannot honour."""
+
+    def __init__(self, param: str, message: str, hint: str | None = None, code: str = "invalid_value"):
+        super().__init__(message, hint)
+        self.param = param
+        self.code = code
+
+
+@dataclass
+class ParsedRequest:
+    """One API request in the runtime's terms."""
+
+    prompts: list[str]
+    negatives: list[str] | None
+    seeds: list[int]
+    kwargs: dict[str, Any]
+    #: Echo of the request for the response (A1111 ``parameters``, logs).
+    echo: dict[str, Any] = field(default_factory=dict)
+
+
+def body_dict(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise ParamError("body", "the request body must be a JSON object", "send a JSON object")
+    return body
+
+
+def get_str(body: Mapping[str, Any], key: str, default: str | None = None, *, required: bool = False,
+            allow_none: bool = True) -> str | None:
+    value = body.get(key, default)
+    if value is None:
+        if required or not allow_none:
+            raise ParamError(key, f"'{key}' is required", f"pass '{key}' as a string", code="missing_required")
+        return None
+    if not isinstance(value, str):
+        raise ParamError(key, f"'{key}' must be a string, got {type(value).__name__}", f"pass '{key}' as a string")
+    return value
+
+
+def get_int(body: Mapping[str, Any], key: str, default: int | None, *, lo: int | None = None,
+            hi: int | None = None) -> int | None:
+    value = body.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ParamError(key, f"'{key}' must be an integer, got {value!r}", f"pass '{key}' as an integer")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        rng = f"{lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}"
+        raise ParamError(key, f"'{key}' must be in {rng}, got {value}", f"pass '{key}' in {rng}")
+    return int(value)
+
+
+def get_float(body: Mapping[str, Any], key: str, default: float | None, *, lo: float | None = None,
+              hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> float | None:
+    value = body.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ParamError(key, f"'{key}' must be a finite number, got {value!r}", f"pass '{key}' as a number")
+    bad_lo = lo is not None and (value <= lo if lo_open else value < lo)
+    bad_hi = hi is not None and (value >= hi if hi_open else value > hi)
+    if bad_lo or bad_hi:
+        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ParamError(key, f"'{key}' must be in {rng}, got {value}", f"pass '{key}' in {rng}")
+    return float(value)
+
+
+def get_bool(body: Mapping[str, Any], key: str, default: bool | None) -> bool | None:
+    value = body.get(key, default)
+    if value is None:
+        return None
+    if not isinstance(value, bool):
+        raise ParamError(key, f"'{key}' must be true or false, got {value!r}", f"pass '{key}' as a boolean")
+    return value
+
+
+def seeds_for(seed: int | None, n: int, key: str = "seed") -> list[int]:
+    """Seeds of ``n`` images: ``seed, seed + 1, ...`` (A1111's rule; each image is
+    reproducible alone with its own seed). No seed (or -1): a random one."""
+    if seed is None or seed == -1:
+        seed = secrets.randbits(63)
+    if seed < 0 or seed + n > SEED_LIMIT:
+        raise ParamError(key, f"'{key}' must be in 0..2**64-{n} (or -1 for random), got {seed}",
+                         "pass a non-negative seed, or -1 for a random one")
+    return [seed + i for i in range(n)]
+
+
+def png_b64(image: Any) -> str:
+    """A PIL image as base64 PNG (no data-URL prefix, as OpenAI and A1111 send it)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=4)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def reject_unknown(body: Mapping[str, Any], known: Sequence[str] | set[str], *, where: str) -> None:
+    for key in body:
+        if key not in known:
+            raise ParamError(key, f"Unrecognized request argument supplied: {key}",
+                             f"remove '{key}'; {where} takes: {', '.join(sorted(known))}", code="unknown_parameter")

@@ -1,0 +1,119 @@
+"""``ServeConfig``: every knob of ``sdxl-export serve``, checked once at start.
+
+One frozen dataclass, built by the CLI (``serve/cli.py``) or by a user's own code (Ray Serve
+config files pass the same fields as keyword arguments to ``sdxl_export.serve:app``).
+Immutable, so the event loop, the worker thread and Ray replicas may all read it freely.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..artifacts import DEFAULT_ARTIFACTS
+from ..errors import SDXLExportError
+
+
+class ServeConfigError(SDXLExportError):
+    """A serve option is invalid (size list, auth string, limits)."""
+
+
+def parse_size(text: str, what: str = "size") -> tuple[int, int]:
+    """``"WxH"`` (OpenAI's order: width first) -> ``(height, width)``."""
+    m = re.fullmatch(r"\s*(\d{1,5})\s*[xX*]\s*(\d{1,5})\s*", str(text))
+    if not m:
+        raise ServeConfigError(f"invalid {what} {text!r}", "write sizes as WIDTHxHEIGHT, e.g. 1024x1024")
+    w, h = int(m.group(1)), int(m.group(2))
+    return h, w
+
+
+def parse_sizes(text: str | None) -> tuple[tuple[int, int], ...]:
+    """``--warmup``: ``"1024x1024,1216x832"`` -> ((1024, 1024), (832, 1216)); ``native``/empty allowed."""
+    if not text:
+        return ()
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if part:
+            out.append((0, 0) if part == "native" else parse_size(part, "--warmup size"))
+    return tuple(out)
+
+
+def parse_basic_auth(text: str) -> tuple[str, str]:
+    user, sep, password = str(text).partition(":")
+    if not sep or not user or not password:
+        raise ServeConfigError("--api-auth must be USER:PASSWORD", "pass e.g. --api-auth alice:s3cret")
+    return user, password
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Options of one serving replica (embedded or on Ray)."""
+
+    artifacts: Path = DEFAULT_ARTIFACTS
+    backend: str = "auto"
+    device: str = "auto"
+    backend_options: dict[str, Any] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: Largest pipeline call (images); None: the largest batch the engines serve, capped at 8.
+    max_batch_size: int | None = None
+    batch_wait_ms: float = 20.0
+    #: Images waiting for a batch (not counting the batch running); beyond it: 429.
+    max_queue: int = 32
+    #: Seconds from arrival to response; beyond it: 504.
+    timeout_s: float = 600.0
+    api_key: str | None = field(default=None, repr=False)
+    basic_auth: tuple[str, str] | None = field(default=None, repr=False)
+    #: Sizes (height, width) run once before the replica reports ready; (0, 0) = native.
+    warmup: tuple[tuple[int, int], ...] = ((0, 0),)
+    warmup_steps: int = 2
+    max_body_bytes: int = 1 << 20
+    max_prompt_chars: int = 4000
+    #: Images per request (OpenAI ``n``, A1111 ``batch_size * n_iter``).
+    max_images_per_request: int = 8
+    max_steps: int = 150
+    cors_origins: tuple[str, ...] = ()
+    #: Seconds SIGTERM waits for accepted requests to finish before exiting.
+    grace_s: float = 60.0
+    #: Model id reported by /v1/models and /sdapi/v1/sd-models (default: the artifact folder's name).
+    model_name: str | None = None
+    load_refiner: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_batch_size is None or self.max_batch_size >= 1, "--max-batch-size must be >= 1"),
+            (self.batch_wait_ms >= 0, "--batch-wait-ms must be >= 0"),
+            (self.max_queue >= 1, "--max-queue must be >= 1"),
+            (self.timeout_s > 0, "--timeout must be > 0"),
+            (1 <= self.max_images_per_request <= self.max_queue,
+             "the images-per-request cap must be between 1 and --max-queue (a larger request could never "
+             "be admitted)"),
+            (self.max_body_bytes >= 1024, "the body size cap must be >= 1 KiB"),
+            (0 < self.port < 65536, "--port must be 1..65535"),
+            (self.grace_s >= 0, "the grace period must be >= 0"),
+            (self.api_key is None or len(self.api_key) >= 8, "--api-key must be at least 8 characters"),
+        ]
+        for ok, what in checks:
+            if not ok:
+                raise ServeConfigError(what, "fix the option and start again")
+
+    @property
+    def auth_required(self) -> bool:
+        return self.api_key is not None or self.basic_auth is not None
+
+    def basic_token(self) -> str | None:
+        if self.basic_auth is None:
+            return None
+        return base64.b64encode(f"{self.basic_auth[0]}:{self.basic_auth[1]}".encode()).decode()
+
+    def replace(self, **changes: Any) -> ServeConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model_name or Path(self.artifacts).resolve().name or "sdxl"

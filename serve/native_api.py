@@ -1,0 +1,86 @@
+"""Native API: ``POST /v1/generate`` takes every runtime argument by its runtime name.
+
+Body: ``prompt`` (text or a list), ``negative_prompt`` (text, a list, or absent = SDXL's zero
+negative conditioning), ``num_images_per_prompt``, ``height``, ``width``,
+``num_inference_steps``, ``guidance_scale``, ``denoising_end``, ``refiner``, ``seed``,
+``scheduler``, ``original_size``, ``crops_coords_top_left``, ``target_size``,
+``aesthetic_score``, ``negative_aesthetic_score``. Images come in diffusers' order (each
+prompt's images together); image i uses ``seed + i``. The answer carries the images (base64
+PNG), every seed, and the queue wait, batch size and per-stage timings of each image's call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .common import ParamError, ParsedRequest, body_dict, get_bool, get_float, get_int, get_str, reject_unknown, \
+    seeds_for
+
+KNOWN = {"prompt", "negative_prompt", "num_images_per_prompt", "height", "width", "num_inference_steps",
+         "guidance_scale", "denoising_end", "refiner", "seed", "scheduler", "original_size",
+         "crops_coords_top_left", "target_size", "aesthetic_score", "negative_aesthetic_score"}
+
+
+def _texts(body: dict[str, Any], key: str) -> list[str] | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ParamError(key, f"'{key}' must be a string or a non-empty list of strings", f"pass '{key}' as text")
+
+
+def _pair(body: dict[str, Any], key: str) -> tuple[int, int] | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+        return int(value[0]), int(value[1])
+    raise ParamError(key, f"'{key}' must be [height, width] (two non-negative integers)", f"pass '{key}' as [h, w]")
+
+
+def parse(body: Any, *, has_refiner: bool, max_images: int) -> ParsedRequest:
+    body = body_dict(body)
+    reject_unknown(body, KNOWN, where="/v1/generate")
+    prompts = _texts(body, "prompt")
+    if prompts is None:
+        raise ParamError("prompt", "'prompt' is required", "pass 'prompt' as text", code="missing_required")
+    negatives = _texts(body, "negative_prompt")
+    if negatives is not None and len(negatives) == 1 and len(prompts) > 1:
+        negatives = negatives * len(prompts)
+    if negatives is not None and len(negatives) != len(prompts):
+        raise ParamError("negative_prompt", f"{len(negatives)} negative prompts for {len(prompts)} prompts",
+                         "pass one negative prompt, or one per prompt")
+    per = get_int(body, "num_images_per_prompt", 1, lo=1, hi=max_images)
+    assert per is not None
+    n = len(prompts) * per
+    if n > max_images:
+        raise ParamError("num_images_per_prompt", f"{n} images requested, at most {max_images} per request",
+                         "ask for fewer images")
+    kwargs: dict[str, Any] = {"refiner": get_bool(body, "refiner", has_refiner)}
+    for key in ("height", "width", "num_inference_steps"):
+        value = get_int(body, key, None, lo=1)
+        if value is not None:
+            kwargs[key] = value
+    for key, lo in (("guidance_scale", 0.0), ("aesthetic_score", None), ("negative_aesthetic_score", None)):
+        value = get_float(body, key, None, lo=lo)
+        if value is not None:
+            kwargs[key] = value
+    d = get_float(body, "denoising_end", None, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    if d is not None:
+        kwargs["denoising_end"] = d
+    scheduler = get_str(body, "scheduler")
+    if scheduler is not None:
+        kwargs["scheduler"] = scheduler
+    for key in ("original_size", "crops_coords_top_left", "target_size"):
+        pair = _pair(body, key)
+        if pair is not None:
+            kwargs[key] = pair
+    expanded = [p for p in prompts for _ in range(per)]
+    negs = None if negatives is None else [q for q in negatives for _ in range(per)]
+    seed = get_int(body, "seed", None, lo=-1)
+    return ParsedRequest(prompts=expanded, negatives=negs, seeds=seeds_for(seed, n), kwargs=kwargs,
+                         echo={k: body[k] for k in body if k not in ("prompt", "negative_prompt")})

@@ -1,0 +1,142 @@
+"""The same app on Ray Serve: one replica = one process = one pipeline (one GPU each on GPU hosts).
+
+Ray Serve is the scale-out engine: it runs the replicas, routes HTTP to them, restarts them
+and autoscales them. What each replica runs is the embedded server's code: the app from
+``serve/app.py`` over an :class:`ImageService`, whose jobs go through Ray's own
+``@serve.batch`` into the same :func:`~sdxl_export.serve.batching.run_jobs`.
+
+A replica's constructor loads the pipeline and runs the warm-up, so Ray routes to it only
+once no request would pay a first-call cost. Admission (429 with ``Retry-After``) is the
+replica's own bounded queue; Ray's request queue is left unbounded and its per-replica
+limit generous so that requests reach it instead of Ray's generic 503.
+
+Use it from the CLI (``sdxl-export serve --ray``), or in a Ray Serve config / ``serve run``::
+
+    serve run sdxl_export.serve:app artifacts=/models/sdxl-trt max_batch_size=4
+
+(``app`` is an application builder: its keyword arguments are :class:`ServeConfig` fields.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from .batching import ImageJob, JobResult
+from .config import ServeConfig, parse_basic_auth, parse_sizes
+from .service import ImageService
+
+log = logging.getLogger(__name__)
+
+
+class _Outcome:
+    """Ray's batch wrapper hands each caller its list element; errors travel as values so
+    one failed image does not fail its batch-mates."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: JobResult | BaseException):
+        self.value = value
+
+
+@serve.deployment
+@serve.ingress()
+class SDXLDeployment:
+    """One Ray Serve replica. Ray calls its methods on the replica's event loop; the pipeline
+    runs on the service's single worker thread (see ``ImageService``)."""
+
+    async def __init__(self, config: ServeConfig):
+        self.config = config
+        self.service = ImageService(config)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.service.load)  # ready only once loaded and warmed up
+        self._batched.set_max_batch_size(self.service.max_batch)
+        self._batched.set_batch_wait_timeout_s(config.batch_wait_ms / 1000.0)
+        self.service.use_submitter(self._submit)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from .app import build_app
+
+        return build_app(lambda: self.service, self.config)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _batched(self, jobs: list[ImageJob]) -> list[_Outcome]:
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(self.service._worker, self.service.execute, list(jobs))
+        return [_Outcome(r) for r in results]
+
+    async def _submit(self, job: ImageJob) -> JobResult:
+        outcome: _Outcome = await self._batched(job)
+        if isinstance(outcome.value, BaseException):
+            raise outcome.value
+        return outcome.value
+
+    def check_health(self) -> None:
+        if self.service.load_error:
+            raise RuntimeError(self.service.load_error)
+
+
+def deployment_options(config: ServeConfig, *, replicas: int | None = None,
+                       autoscale: tuple[int, int] | None = None, num_gpus: float | None = None) -> dict[str, Any]:
+    """Ray Serve options: one GPU per replica where GPUs exist, replicas or an autoscaling range."""
+    if num_gpus is None:
+        try:
+            import torch
+
+            num_gpus = 1.0 if torch.cuda.is_available() else 0.0
+        except ImportError:  # pragma: no cover
+            num_gpus = 0.0
+    opts: dict[str, Any] = {
+        "name": "sdxl",
+        "ray_actor_options": {"num_gpus": num_gpus, "num_cpus": 1},
+        # Requests must reach the replica's own queue (429 + Retry-After), not Ray's 503.
+        "max_ongoing_requests": max(16, 4 * (config.max_queue + (config.max_batch_size or 8))),
+        "max_queued_requests": -1,
+        "graceful_shutdown_timeout_s": config.grace_s,
+        "health_check_period_s": 10.0,
+    }
+    if autoscale is not None:
+        lo, hi = autoscale
+        opts["autoscaling_config"] = {"min_replicas": lo, "max_replicas": hi,
+                                      "target_ongoing_requests": max(1, config.max_batch_size or 2)}
+    else:
+        opts["num_replicas"] = replicas or 1
+    return opts
+
+
+def build(config: ServeConfig, **options: Any) -> Any:
+    """The bound Ray Serve application for ``config`` (``serve.run(build(cfg))``)."""
+    return SDXLDeployment.options(**deployment_options(config, **options)).bind(config)
+
+
+def app(args: dict[str, Any] | None = None) -> Any:
+    """Application builder for ``serve run sdxl_export.serve:app key=value ...`` and Ray Serve
+    config files: keys are :class:`ServeConfig` fields (``api_auth`` as ``USER:PASS``,
+    ``warmup`` as ``WxH,...``), plus ``replicas`` or ``autoscale`` (``MIN:MAX``)."""
+    args = dict(args or {})
+    replicas = args.pop("replicas", None)
+    autoscale = args.pop("autoscale", None)
+    kwargs: dict[str, Any] = {}
+    for key, value in args.items():
+        if key == "artifacts":
+            kwargs[key] = Path(value)
+        elif key == "api_auth":
+            kwargs["basic_auth"] = parse_basic_auth(value)
+        elif key == "warmup":
+            kwargs[key] = parse_sizes(value)
+        elif key in ("max_batch_size", "max_queue", "port", "max_images_per_request", "max_steps", "warmup_steps"):
+            kwargs[key] = int(value)
+        elif key in ("batch_wait_ms", "timeout_s", "grace_s"):
+            kwargs[key] = float(value)
+        else:
+            kwargs[key] = value
+    config = ServeConfig(**kwargs)
+    scale = None
+    if autoscale:
+        lo, _, hi = str(autoscale).partition(":")
+        scale = (int(lo), int(hi))
+    return build(config, replicas=int(replicas) if replicas else None, autoscale=scale)
