@@ -50,6 +50,7 @@ class SDXLDeployment:
     runs on the service's single worker thread (see ``ImageService``)."""
 
     async def __init__(self, config: ServeConfig):
+        _log_to_replica_stderr()
         self.config = config
         self.service = ImageService(config)
         loop = asyncio.get_running_loop()
@@ -78,6 +79,17 @@ class SDXLDeployment:
     def check_health(self) -> None:
         if self.service.load_error:
             raise RuntimeError(self.service.load_error)
+
+
+def _log_to_replica_stderr() -> None:
+    """Ray captures a replica's stderr into its log file: send our INFO lines (access log,
+    load and warm-up) there, as the embedded server prints them."""
+    root = logging.getLogger("sdxl_export")
+    if not any(not isinstance(h, logging.NullHandler) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
 
 
 def deployment_options(config: ServeConfig, *, replicas: int | None = None,
