@@ -37,8 +37,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("--work-dir", type=Path, default=None, metavar="DIR",
                    help="where --model is exported and built (default: a new temporary folder)")
     p.add_argument("--no-build", action="store_true", help="with --model: export only, no engines")
-    p.add_argument("--suite", choices=sorted(SUITES), default=None,
-                   help="start from a named suite's settings (options given here override it)")
+    p.add_argument("--suite", choices=sorted([*SUITES, "serve"]), default=None,
+                   help="start from a named suite's settings (options given here override it); serve: the "
+                   "serving benchmark (closed-loop HTTP load vs diffusers behind a lock)")
+    p.add_argument("--serve", action="store_true", help="the serving benchmark (the same as --suite serve)")
+    p.add_argument("--concurrency", default=None, metavar="N,N",
+                   help="serving benchmark: concurrent clients per level (default 1,2,4,8)")
+    p.add_argument("--requests", type=int, default=None, metavar="N",
+                   help="serving benchmark: answers per side and level (default 16)")
     p.add_argument("--backend", default=None, metavar="NAME[,NAME]",
                    help="backend(s) to measure: auto, onnxruntime, tensorrt, torch (default auto)")
     p.add_argument("--device", default=None, help="device for our backends: auto, cpu, cuda (default auto)")
@@ -128,7 +134,46 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return replace(cfg, variants=variants)
 
 
+def serve_config_from_args(args: argparse.Namespace) -> Any:
+    from .serve_bench import ServeBenchConfig
+
+    cfg = ServeBenchConfig()
+    if args.artifacts is not None:
+        cfg = replace(cfg, artifacts=args.artifacts, model=None)
+    elif args.model is not None:
+        cfg = replace(cfg, model=args.model)
+    simple = {"work_dir": args.work_dir, "steps": args.steps, "requests": args.requests, "seed": args.seed}
+    cfg = replace(cfg, **{k: v for k, v in simple.items() if v is not None})
+    if args.batch_sizes is not None:
+        cfg = replace(cfg, batch_sizes=parse_int_list(args.batch_sizes, "batch sizes"))
+    if args.concurrency is not None:
+        cfg = replace(cfg, concurrency=parse_int_list(args.concurrency, "concurrency levels"))
+    if args.baseline == "none":
+        cfg = replace(cfg, baseline=False)
+    if cfg.requests < 1 or any(c < 1 for c in cfg.concurrency):
+        raise InvalidRequestError("--requests and --concurrency must be >= 1", "pass positive numbers")
+    return cfg
+
+
+def cmd_serve_bench(args: argparse.Namespace) -> int:
+    from .report import write_json
+    from .serve_bench import markdown_table, plot, run_serve_bench
+
+    result = run_serve_bench(serve_config_from_args(args))
+    if args.json is not None:
+        write_json(result, args.json)
+    if args.plot is not None:
+        plot(result, args.plot)
+    print(markdown_table(result))
+    for path in (args.json, args.plot):
+        if path is not None:
+            print(f"wrote {path}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.serve or args.suite == "serve":
+        return cmd_serve_bench(args)
     from .bench import run_bench
     from .report import markdown_table, plot, write_json
 

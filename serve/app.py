@@ -32,8 +32,14 @@ from . import a1111_api, native_api, openai_api
 from .batching import JobCancelledError
 from .common import ParamError, ParsedRequest, png_b64
 from .config import ServeConfig
-from .service import (ClientGoneError, ImageService, QueueFullError, RequestTimeoutError, ServiceUnavailableError,
-                      new_request_id)
+from .service import (
+    ClientGoneError,
+    ImageService,
+    QueueFullError,
+    RequestTimeoutError,
+    ServiceUnavailableError,
+    new_request_id,
+)
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("sdxl_export.serve.access")

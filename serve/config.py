@@ -91,8 +91,8 @@ class ServeConfig:
             (self.max_queue >= 1, "--max-queue must be >= 1"),
             (self.timeout_s > 0, "--timeout must be > 0"),
             (1 <= self.max_images_per_request <= self.max_queue,
-             "the images-per-request cap must be between 1 and --max-queue (a larger request could never "
-             "be admitted)"),
+             ("the images-per-request cap must be between 1 and --max-queue (a larger request could never "
+              "be admitted)")),
             (self.max_body_bytes >= 1024, "the body size cap must be >= 1 KiB"),
             (0 < self.port < 65536, "--port must be 1..65535"),
             (self.grace_s >= 0, "the grace period must be >= 0"),

@@ -13,8 +13,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from .common import ParamError, ParsedRequest, body_dict, get_bool, get_float, get_int, get_str, reject_unknown, \
-    seeds_for
+from .common import (
+    ParamError,
+    ParsedRequest,
+    body_dict,
+    get_bool,
+    get_float,
+    get_int,
+    get_str,
+    reject_unknown,
+    seeds_for,
+)
 
 KNOWN = {"prompt", "negative_prompt", "num_images_per_prompt", "height", "width", "num_inference_steps",
          "guidance_scale", "denoising_end", "refiner", "seed", "scheduler", "original_size",

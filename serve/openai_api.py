@@ -17,8 +17,17 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .common import (ParamError, ParsedRequest, body_dict, get_bool, get_float, get_int, get_str,
-                     reject_unknown, seeds_for)
+from .common import (
+    ParamError,
+    ParsedRequest,
+    body_dict,
+    get_bool,
+    get_float,
+    get_int,
+    get_str,
+    reject_unknown,
+    seeds_for,
+)
 from .config import ServeConfigError, parse_size
 
 OURS = ("negative_prompt", "seed", "steps", "guidance_scale", "scheduler", "refiner", "denoising_end")

@@ -137,8 +137,8 @@ class ImageService:
     def _load_quietly(self) -> None:
         try:
             self.load()
-        except Exception:  # noqa: BLE001 - recorded in load_error; /readyz reports it
-            pass
+        except Exception:  # load() logged it and set load_error; /readyz reports it
+            log.debug("load failed", exc_info=True)
 
     def _configure_batcher(self) -> None:
         if self._batcher is not None:
