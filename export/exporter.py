@@ -55,6 +55,7 @@ from ..errors import (
 )
 from ..models.loader import ModelSource, SDXLModel, resolve_source
 from ..specs import ComponentSpec, component_specs
+from .memory import PeakRSS, release_memory
 from .onnx_tools import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from .report import human_size
 
@@ -326,38 +327,49 @@ def _export(plan: ExportPlan, out: Path, previous: dict[str, Any] | None, progre
         if part not in uses:
             loaded.pop(part, None)
 
-    val_shape = validation_shape(plan.dims.native_size)
-    for name in unvalidated:
-        part = COMPONENT_PARTS[name]
-        log.info("%s: validating the kept graph against PyTorch at %s", name, _shape_str(
-            {"batch": val_shape[0], "height": val_shape[1], "width": val_shape[2]}))
-        t0 = time.perf_counter()
-        record = onnx_tools.validate(wrap_module(name, use(part)), plan.specs[name], out / kept[name]["file"], val_shape)
-        record["seconds"] = round(time.perf_counter() - t0, 2)
-        manifest["components"][name] = {**kept[name], "validation": record}
-        atomic_write_json(out / EXPORT_MANIFEST, manifest)
-        done_with(part)
-    for i, name in enumerate(todo, 1):
-        part = COMPONENT_PARTS[name]
-        module = use(part)
-        log.info("[%d/%d] %s: exporting to ONNX (opset %d) ...", i, len(todo), name, plan.opset)
-        if progress:
-            progress(name, i, len(todo))
-        record = _export_component(plan, out, name, module, val_shape)
-        del module
-        manifest["components"][name] = record
-        atomic_write_json(out / EXPORT_MANIFEST, manifest)
-        val = record["validation"]
-        errs = val.get("max_abs_error") or {}
-        log.info("[%d/%d] %s: done in %.1fs (%s)%s", i, len(todo), name,
-                 record["export_seconds"] + val.get("seconds", 0.0), human_size(record["size_bytes"]),
-                 f", validated at {_shape_str(val['shape'])}: max abs error {max(errs.values()):.2e}" if errs else "")
+    def release(part: str) -> None:
+        """This component is done with its PyTorch module (traced, reference outputs kept):
+        write the part's torch/ weights if this was their last use, then drop the module, so
+        ONNX Runtime never holds the graph's weights while PyTorch still holds them too."""
         done_with(part)
         torch_asset = f"torch/{part}"
         if torch_asset in assets_todo and uses.count(part) == 1 and part in loaded:
             _write_asset(plan, out, manifest, torch_asset, loaded[part])  # while it is in memory
             assets_todo.remove(torch_asset)
             done_with(part)
+        release_memory()
+
+    val_shape = validation_shape(plan.dims.native_size)
+    for name in unvalidated:
+        part = COMPONENT_PARTS[name]
+        log.info("%s: validating the kept graph against PyTorch at %s", name, _shape_str(
+            {"batch": val_shape[0], "height": val_shape[1], "width": val_shape[2]}))
+        t0 = time.perf_counter()
+        with PeakRSS() as peak:
+            feeds, reference = onnx_tools.reference_outputs(wrap_module(name, use(part)), plan.specs[name], val_shape)
+            release(part)
+            record = onnx_tools.compare_with_onnxruntime(plan.specs[name], out / kept[name]["file"], val_shape,
+                                                         feeds, reference)
+        record["seconds"] = round(time.perf_counter() - t0, 2)
+        manifest["components"][name] = {**kept[name], "validation": record, "peak_rss_bytes": peak.bytes}
+        atomic_write_json(out / EXPORT_MANIFEST, manifest)
+    for i, name in enumerate(todo, 1):
+        part = COMPONENT_PARTS[name]
+        log.info("[%d/%d] %s: exporting to ONNX (opset %d) ...", i, len(todo), name, plan.opset)
+        if progress:
+            progress(name, i, len(todo))
+        with PeakRSS() as peak:
+            record = _export_component(plan, out, name, lambda p=part: use(p), val_shape,
+                                       lambda p=part: release(p))
+        record["peak_rss_bytes"] = peak.bytes
+        manifest["components"][name] = record
+        atomic_write_json(out / EXPORT_MANIFEST, manifest)
+        val = record["validation"]
+        errs = val.get("max_abs_error") or {}
+        log.info("[%d/%d] %s: done in %.1fs (%s, peak RSS %s)%s", i, len(todo), name,
+                 record["export_seconds"] + val.get("seconds", 0.0), human_size(record["size_bytes"]),
+                 human_size(peak.bytes),
+                 f", validated at {_shape_str(val['shape'])}: max abs error {max(errs.values()):.2e}" if errs else "")
     for asset in list(assets_todo):
         _write_asset(plan, out, manifest, asset, use(plan.asset_parts[asset]))
         done_with(plan.asset_parts[asset])
@@ -375,24 +387,42 @@ def _export(plan: ExportPlan, out: Path, previous: dict[str, Any] | None, progre
             "kept": [n for n in plan.specs if n in kept]}
 
 
+#: Validation pixels at most (~0.4 Mpx): enough to prove the dynamic axes at any size, small
+#: enough that SDXL's VAE attention (tokens^2 scores, materialised by the ONNX graph) stays
+#: far below a GB. At 1024 px the 768x1344 bucket becomes 448x832 (batch 2).
+MAX_VALIDATION_PIXELS = 640 * 640
+
+
 def validation_shape(native: int) -> tuple[int, int, int]:
     """(batch, height, width) validated at: unlike the traced shape in all three dims.
 
     Batch 2 (classifier-free guidance) and SDXL's 768x1344 bucket scaled to the model's
-    native size: non-square, and not a multiple of the traced size.
+    native size: non-square, and not a multiple of the traced size. Above
+    :data:`MAX_VALIDATION_PIXELS` (the full-size models) it is scaled down, keeping its
+    aspect, to multiples of 64 px.
     """
     from ..buckets import nearest_bucket
 
     b = nearest_bucket(int(native * 0.75), int(native * 1.3125), native)
-    return 2, b.height, b.width
+    h, w = b.height, b.width
+    if h * w > MAX_VALIDATION_PIXELS:
+        scale = (MAX_VALIDATION_PIXELS / (h * w)) ** 0.5
+        h, w = max(64, int(h * scale) // 64 * 64), max(64, int(w * scale) // 64 * 64)
+    return 2, h, w
 
 
-def _export_component(plan: ExportPlan, out: Path, name: str, module: Any, val_shape: tuple[int, int, int]) -> dict:
+def _export_component(plan: ExportPlan, out: Path, name: str, get_module: Callable[[], Any],
+                      val_shape: tuple[int, int, int], release: Callable[[], None]) -> dict:
+    """Trace, compute the PyTorch reference outputs, ``release()`` the module, then check the
+    graph in ONNX Runtime: at no point are both the module and a session in memory.
+
+    The module comes through ``get_module`` so that no caller frame keeps it alive.
+    """
     from ..models.wrappers import wrap_module
     from . import onnx_tools
 
     spec = plan.specs[name]
-    wrapped = wrap_module(name, module)
+    wrapped = wrap_module(name, get_module())
     rel_dir = Path("onnx") / name
     with atomic_dir(out / rel_dir) as tmp:
         path = tmp / "model.onnx"
@@ -400,10 +430,16 @@ def _export_component(plan: ExportPlan, out: Path, name: str, module: Any, val_s
         onnx_tools.export_onnx(wrapped, spec, path, plan.opset, plan.dims.native_size)
         export_s = time.perf_counter() - t0
         record: dict[str, Any] = {"passed": None, "skipped": True}
-        if plan.validate:
+        t0 = time.perf_counter()
+        reference = onnx_tools.reference_outputs(wrapped, spec, val_shape) if plan.validate else None
+        torch_s = time.perf_counter() - t0
+        del wrapped
+        release()
+        if reference is not None:
             t0 = time.perf_counter()
-            record = onnx_tools.validate(wrapped, spec, path, val_shape)
-            record["seconds"] = round(time.perf_counter() - t0, 2)
+            record = onnx_tools.compare_with_onnxruntime(spec, path, val_shape, *reference)
+            record["torch_seconds"] = round(torch_s, 3)
+            record["seconds"] = round(time.perf_counter() - t0 + torch_s, 2)
         files = {(rel_dir / p.name).as_posix(): sha256_file(p) for p in onnx_tools.onnx_files(path)}
         size = sum(p.stat().st_size for p in onnx_tools.onnx_files(path))
     trace = onnx_tools.trace_shape(spec, plan.dims.native_size)

@@ -62,12 +62,14 @@ def export_summary(result: dict[str, Any], out: Path) -> str:
     if result.get("up_to_date"):
         return f"up to date: nothing to do ({out}, {len(comps)} components, source {source_line(result['source'])})"
     exported, validated = set(result.get("exported", [])), set(result.get("validated", []))
-    rows = [["component", "size", "export", "validated at", "max abs error", "result", ""]]
+    rows = [["component", "size", "export", "peak RSS", "validated at", "max abs error", "result", ""]]
     for name, rec in comps.items():
         val = rec.get("validation") or {}
         secs = float(rec.get("export_seconds", 0.0)) + float(val.get("seconds", 0.0))
+        peak = rec.get("peak_rss_bytes")
         rows.append([
-            name, human_size(rec.get("size_bytes", 0)), f"{secs:.1f} s", _shape(val.get("shape")),
+            name, human_size(rec.get("size_bytes", 0)), f"{secs:.1f} s", human_size(peak) if peak else "-",
+            _shape(val.get("shape")),
             _max_error(val), _result(val),
             "" if name in exported else "(kept, validated now)" if name in validated else "(kept: up to date)",
         ])

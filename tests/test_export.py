@@ -117,7 +117,22 @@ def test_unets_serve_latent_sizes_off_the_traced_grid(tiny_artifacts, tiny_model
 def test_validation_shape_differs_from_the_trace_and_is_a_bucket():
     b, h, w = validation_shape(256)
     assert (b, h, w) == (2, 192, 320)
-    assert validation_shape(1024) == (2, 768, 1344)  # SDXL's own bucket at full size
+    # full size: SDXL's 768x1344 bucket scaled under MAX_VALIDATION_PIXELS (aspect kept, 64-px steps)
+    assert validation_shape(1024) == (2, 448, 832)
+    assert validation_shape(512) == (2, 384, 704)  # small: its own bucket, under the cap
+
+
+def test_export_records_peak_memory_and_frees_each_module(tiny_artifacts):
+    """Every component's record carries its peak RSS; the summary prints it."""
+    from sdxl_export.export.exporter import load_export_manifest
+    from sdxl_export.export.report import export_summary
+
+    m = load_export_manifest(tiny_artifacts)
+    for name, rec in m["components"].items():
+        assert rec["peak_rss_bytes"] > 50 * 2**20, name
+        assert rec["validation"]["torch_seconds"] >= 0
+    text = export_summary({**m, "exported": list(m["components"])}, tiny_artifacts)
+    assert "peak RSS" in text.splitlines()[0]
 
 
 # ---- incremental and atomic ---------------------------------------------------------------
