@@ -88,6 +88,11 @@ class UnsupportedShapeError(InvalidRequestError):
     """A backend built for fixed profiles was asked for a shape outside them."""
 
 
+class InvalidImageError(InvalidRequestError):
+    """An img2img input image is unreadable, corrupt, of an unusable type or values, or comes with
+    a mask (no inpainting)."""
+
+
 class InputMismatchError(SDXLExportError, ValueError):
     """A component was called with inputs whose names, dtypes or shapes break its spec."""
 

@@ -7,7 +7,10 @@ Semantics are those of diffusers' ``StableDiffusionXLPipeline`` (``output_type="
 times ``init_noise_sigma``), same micro-conditioning time ids, same guidance, the same
 diffusers schedulers with the same timestep cut-off and refiner begin index
 (:mod:`.schedulers`), the one generator carried from base into refiner, the same VAE
-un-scaling and image post-processing. ``seed=S`` is
+un-scaling and image post-processing. With ``image=`` it is diffusers'
+``StableDiffusionXLImg2ImgPipeline`` on the base (``strength``; :mod:`.img2img` has the
+encode and noise), with the same refiner hand-off, or on the refiner alone
+(``refiner_only=True``). ``seed=S`` is
 ``generator=torch.Generator("cpu").manual_seed(S)``: the same seed gives diffusers' image.
 
 What the pipeline owns is only per-object: loaded component runners, tokenizers, the
@@ -31,12 +34,20 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..artifacts import DEFAULT_ARTIFACTS
 from ..buckets import nearest_bucket
 from ..errors import ArtifactError, MissingComponentError, NumericalError, UnsupportedShapeError
-from .artifact_reader import REQUIRED_COMPONENTS, Artifacts, read_artifacts
+from . import img2img
+from .artifact_reader import REQUIRED_COMPONENTS, Artifacts, export_fix, read_artifacts
 from .backend import ComponentRunner
 from .backends import ComponentContext, create_runner, resolve_backend
 from .prompts import EncodedPrompts, PromptEncoder
-from .request import SampleRequest, check_request, repeat_per_image
-from .schedulers import SchedulerFactory, base_timesteps, refiner_timesteps, step_kwargs
+from .request import SampleRequest, check_img2img, check_request, repeat_per_image
+from .schedulers import (
+    SchedulerFactory,
+    base_timesteps,
+    cut_at_end,
+    refiner_timesteps,
+    step_kwargs,
+    strength_timesteps,
+)
 from .timing import StageTimings
 
 if TYPE_CHECKING:
@@ -115,6 +126,8 @@ class SDXLPipeline:
         """
         arts = read_artifacts(artifacts, with_refiner=load_refiner)
         names = list(REQUIRED_COMPONENTS) + (["refiner_unet"] if load_refiner and arts.has_refiner else [])
+        if "vae_encoder" in arts.components:  # img2img; exports always have it, old ones may not
+            names.append("vae_encoder")
         if verify_hashes:
             for name in names:
                 arts.check_files(name, hashes=True)
@@ -202,6 +215,7 @@ class SDXLPipeline:
         scheduler: str = "euler", original_size: tuple[int, int] | None = None,
         crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
         aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5, output_type: str = "pil",
+        image: Any = None, strength: float | None = None, refiner_only: bool = False, mask_image: Any = None,
     ) -> SDXLPipelineOutput:
         """Generate images; arguments mean what they mean in diffusers' SDXL pipelines.
 
@@ -215,6 +229,12 @@ class SDXLPipeline:
         ``original_size``/``crops_coords_top_left``/``target_size`` condition both stages
         (as when passed to both diffusers pipelines); the aesthetic scores the refiner.
         ``output_type``: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+
+        Image-to-image: ``image`` (PIL image, array, tensor, file path, or a list) is what
+        diffusers' img2img takes; the output has its size (``height``/``width`` resize it).
+        ``strength`` in (0, 1] (default 0.3, diffusers') is how much of the schedule re-runs.
+        ``refiner_only=True`` refines the image with the refiner alone (no base, no hand-off).
+        ``mask_image`` is refused: there is no inpainting.
         """
         t0 = time.perf_counter()
         req = self._request(
@@ -223,15 +243,21 @@ class SDXLPipeline:
             refiner=refiner, seed=seed, generator=generator, num_images_per_prompt=num_images_per_prompt,
             scheduler=scheduler, original_size=original_size, crops_coords_top_left=crops_coords_top_left,
             target_size=target_size, aesthetic_score=aesthetic_score,
-            negative_aesthetic_score=negative_aesthetic_score, output_type=output_type,
+            negative_aesthetic_score=negative_aesthetic_score, output_type=output_type, image=image,
+            strength=strength, refiner_only=refiner_only, mask_image=mask_image,
         )
         timings = StageTimings()
         enc = self.encoder.encode(req.prompts, req.negatives, guidance=req.guidance, refiner=req.refiner,
-                                  timings=timings)
-        latents, base_steps = self._base(req, enc, timings)
-        refiner_steps = 0
-        if req.refiner:
-            latents, refiner_steps = self._refine(req, enc, latents, timings)
+                                  timings=timings, base=not req.refiner_only)
+        init = self._encode_image(req, timings) if req.image is not None else None
+        base_steps = refiner_steps = 0
+        if req.refiner_only:
+            assert init is not None
+            latents, refiner_steps = self._refine(req, enc, init, timings)
+        else:
+            latents, base_steps = self._base(req, enc, timings, init)
+            if req.refiner:
+                latents, refiner_steps = self._refine(req, enc, latents, timings)
         if not _all_finite(latents):
             raise NumericalError("the UNets produced NaN/Inf latents",
                                  "run the UNets in fp32 or rebuild their engines with --precision fp32")
@@ -239,7 +265,9 @@ class SDXLPipeline:
         timings.total = time.perf_counter() - t0
         info = {"backend": self.backend, "device": str(self.device), "scheduler": req.scheduler,
                 "height": req.height, "width": req.width, "base_steps": base_steps,
-                "refiner_steps": refiner_steps, "guidance": req.guidance, "batch": req.batch}
+                "refiner_steps": refiner_steps, "guidance": req.guidance, "batch": req.batch,
+                "img2img": req.image is not None, "strength": req.strength if req.image is not None else None,
+                "refiner_only": req.refiner_only}
         return SDXLPipelineOutput(images=images, latents=latents, timings=timings, seed=req.seed, info=info)
 
     def check_call(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
@@ -249,13 +277,14 @@ class SDXLPipeline:
         Raises the same named errors (:class:`InvalidRequestError`, :class:`UnsupportedShapeError`,
         :class:`MissingComponentError`); returns the normalised values a server groups requests
         by: ``height``, ``width``, ``steps``, ``scheduler`` (canonical name), ``guidance``,
-        ``refiner``, ``batch``.
+        ``refiner``, ``batch``, and for img2img ``img2img``, ``strength``, ``refiner_only``.
         """
         kwargs.setdefault("seed", 0)
         req = self._request(prompt=prompt, negative_prompt=negative_prompt, **kwargs)
         return {"height": req.height, "width": req.width, "steps": req.steps, "scheduler": req.scheduler,
                 "guidance_scale": req.guidance_scale, "guidance": req.guidance, "refiner": req.refiner,
-                "denoising_end": req.denoising_end, "batch": req.batch}
+                "denoising_end": req.denoising_end, "batch": req.batch, "img2img": req.image is not None,
+                "strength": req.strength if req.image is not None else None, "refiner_only": req.refiner_only}
 
     def _request(self, *, prompt: Any, negative_prompt: Any, height: int | None = None,
                  width: int | None = None, num_inference_steps: int = 30, guidance_scale: float = 5.0,
@@ -263,7 +292,13 @@ class SDXLPipeline:
                  generator: Any = None, num_images_per_prompt: int = 1, scheduler: str = "euler",
                  original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
                  target_size: tuple[int, int] | None = None, aesthetic_score: float = 6.0,
-                 negative_aesthetic_score: float = 2.5, output_type: str = "pil") -> SampleRequest:
+                 negative_aesthetic_score: float = 2.5, output_type: str = "pil", image: Any = None,
+                 strength: float | None = None, refiner_only: bool = False, mask_image: Any = None) -> SampleRequest:
+        pixels = None
+        if image is not None and mask_image is None:
+            # The image defines the size (diffusers' img2img); height/width, if given, resize it.
+            pixels = img2img.preprocess(self._image_processor, image, height, width)
+            height, width = int(pixels.shape[-2]), int(pixels.shape[-1])
         req = check_request(
             prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, denoising_end=denoising_end,
@@ -273,6 +308,11 @@ class SDXLPipeline:
             negative_aesthetic_score=negative_aesthetic_score, output_type=output_type,
             native=self.native_size, vae_scale=self.vae_scale,
         )
+        req = check_img2img(req, image=pixels, strength=strength, refiner_only=refiner_only,
+                            mask_image=mask_image, default_strength=img2img.DEFAULT_STRENGTH)
+        if req.image is not None and "vae_encoder" not in self.runners:
+            raise MissingComponentError(f"{self.artifacts.root} has no vae_encoder: img2img cannot encode the image",
+                                        export_fix(self.artifacts.root))
         if req.refiner and not self.has_refiner:
             hint = ("run with refiner=False (--no-refiner)" if not self.artifacts.has_refiner
                     else "open the pipeline with load_refiner=True, or run with refiner=False")
@@ -282,44 +322,65 @@ class SDXLPipeline:
 
     def _check_supported(self, req: SampleRequest) -> None:
         """Refuse shapes a fixed-profile engine cannot serve before any work is done."""
-        self._check_shapes(req.batch, req.height, req.width, guidance=req.guidance, refiner=req.refiner,
-                           prompts=len(req.prompts))
+        encode = None
+        if req.image is not None:
+            encode = img2img.encode_batch(int(req.image.shape[0]), req.batch, req.generator)
+        try:
+            self._check_shapes(req.batch, req.height, req.width, guidance=req.guidance, refiner=req.refiner,
+                               prompts=len(req.prompts), encode=encode, base=not req.refiner_only)
+        except UnsupportedShapeError as exc:
+            if req.image is None:
+                raise
+            served = self.served_sizes() or []
+            raise UnsupportedShapeError(
+                f"the image is {req.height}x{req.width}, a size the built engines do not serve ({exc.message}); "
+                f"served: {', '.join(f'{h}x{w}' for h, w in served) or 'none at this batch'}",
+                "resize the image to a served size (height=/width=, --height/--width, resize it), "
+                "or rebuild the engines with --buckets covering it") from None
 
     def _check_shapes(self, batch: int, height: int, width: int, *, guidance: bool, refiner: bool,
-                      prompts: int | None = None) -> None:
+                      prompts: int | None = None, encode: int | None = None, base: bool = True) -> None:
         unet_batch = batch * (2 if guidance else 1)
         text = batch if prompts is None else prompts
-        calls = {"text_encoder": text, "text_encoder_2": text, "unet": unet_batch, "vae_decoder": batch}
+        calls = {"text_encoder_2": text, "vae_decoder": batch}
+        if base:
+            calls.update(text_encoder=text, unet=unet_batch)
         if refiner and self.has_refiner:
             calls["refiner_unet"] = unet_batch
+        if encode is not None:
+            calls["vae_encoder"] = encode
         for name, n in calls.items():
             self.runners[name].check_supported(n, height, width)
 
     # ---- what the engines serve (for servers and batchers) -------------------------------------
-    def serves(self, batch: int, height: int, width: int, *, guidance: bool = True, refiner: bool = True) -> bool:
-        """Whether one call of ``batch`` images (one prompt each) at ``height x width`` runs here.
+    def serves(self, batch: int, height: int, width: int, *, guidance: bool = True, refiner: bool = True,
+               img2img: bool = False, refiner_only: bool = False) -> bool:
+        """Whether one call of ``batch`` images (one prompt each) at ``height x width`` runs here
+        (``img2img``: with one input image per output, ``refiner_only``: without the base).
 
         The same check a call makes before any work, without raising: engines built over fixed
         profiles serve their buckets and batch sizes only; a plain export serves anything.
         """
         try:
-            self._check_shapes(batch, height, width, guidance=guidance, refiner=refiner)
+            self._check_shapes(batch, height, width, guidance=guidance, refiner=refiner or refiner_only,
+                               encode=batch if img2img or refiner_only else None, base=not refiner_only)
         except UnsupportedShapeError:
             return False
         return True
 
     def served_batch_sizes(self, height: int, width: int, *, guidance: bool = True, refiner: bool = True,
-                           limit: int = 64) -> list[int]:
+                           limit: int = 64, img2img: bool = False, refiner_only: bool = False) -> list[int]:
         """Image batch sizes up to ``limit`` one call at ``height x width`` can run, ascending."""
         return [b for b in range(1, limit + 1)
-                if self.serves(b, height, width, guidance=guidance, refiner=refiner)]
+                if self.serves(b, height, width, guidance=guidance, refiner=refiner, img2img=img2img,
+                               refiner_only=refiner_only)]
 
     def served_sizes(self) -> list[tuple[int, int]] | None:
         """``(height, width)`` of every bucket all built engines serve, or None when no engine
         restricts sizes (a plain export runs any multiple of 8)."""
         store = self.artifacts.engine_store
         sizes: set[tuple[int, int]] | None = None
-        for name in ("unet", "vae_decoder", "refiner_unet"):
+        for name in ("unet", "vae_decoder", "refiner_unet", "vae_encoder"):
             entry = getattr(store, "entries", {}).get(name) if store is not None else None
             if name not in self.runners or entry is None or getattr(entry, "backend", None) != self.backend:
                 continue
@@ -358,12 +419,26 @@ class SDXLPipeline:
             pooled = torch.cat([repeat_per_image(neg_pooled, n), pooled], dim=0)
         return embeds.to(self.device).contiguous(), pooled.to(self.device).contiguous()
 
-    def _base(self, req: SampleRequest, enc: EncodedPrompts, timings: StageTimings) -> tuple[torch.Tensor, int]:
+    def _encode_image(self, req: SampleRequest, timings: StageTimings) -> torch.Tensor:
+        """The image's scaled latents, one per output (diffusers' ``prepare_latents`` before noise)."""
+        assert req.image is not None
+        return img2img.encode(self.runners["vae_encoder"], req.image, generator=req.generator, batch=req.batch,
+                              vae=self.vae_config, latent_channels=self.latent_channels, device=self.device,
+                              timings=timings)
+
+    def _base(self, req: SampleRequest, enc: EncodedPrompts, timings: StageTimings,
+              init: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         sched = self._schedulers(req.scheduler)
-        timesteps = base_timesteps(sched, req.steps, self.device, req.denoising_end if req.refiner else None)
-        shape = (req.batch, self.latent_channels, req.height // self.vae_scale, req.width // self.vae_scale)
-        latents = randn_tensor(shape, generator=req.generator, device=self.device, dtype=torch.float32)
-        latents = latents * sched.init_noise_sigma
+        end = req.denoising_end if req.refiner else None
+        if init is None:
+            timesteps = base_timesteps(sched, req.steps, self.device, end)
+            shape = (req.batch, self.latent_channels, req.height // self.vae_scale, req.width // self.vae_scale)
+            latents = randn_tensor(shape, generator=req.generator, device=self.device, dtype=torch.float32)
+            latents = latents * sched.init_noise_sigma
+        else:  # img2img: noised to the strength's first timestep, then cut at the hand-off
+            timesteps = strength_timesteps(sched, req.steps, self.device, req.strength)
+            latents = img2img.add_noise(sched, init, timesteps, req.generator)
+            timesteps = cut_at_end(sched, timesteps, end)
         embeds, pooled = self._conditioning(enc.base_embeds, enc.base_pooled, enc.base_neg_embeds,
                                             enc.base_neg_pooled, req)
         ids = torch.tensor([list(req.original_size + req.crops_coords_top_left + req.target_size)],
@@ -380,9 +455,13 @@ class SDXLPipeline:
         assert enc.refiner_embeds is not None and enc.refiner_pooled is not None
         assert self._refiner_schedulers is not None
         sched = self._refiner_schedulers(req.scheduler)
-        timesteps = refiner_timesteps(sched, req.steps, self.device, req.denoising_end)
-        # img2img prepare_latents with 4-channel "image" and denoising_start: the latents, no noise.
-        latents = latents.to(self.device, torch.float32)
+        if req.refiner_only:  # the refiner's img2img on the image latents: strength, noise
+            timesteps = strength_timesteps(sched, req.steps, self.device, req.strength)
+            latents = img2img.add_noise(sched, latents, timesteps, req.generator)
+        else:
+            timesteps = refiner_timesteps(sched, req.steps, self.device, req.denoising_end)
+            # img2img prepare_latents with 4-channel "image" and denoising_start: the latents, no noise.
+            latents = latents.to(self.device, torch.float32)
         embeds, pooled = self._conditioning(enc.refiner_embeds, enc.refiner_pooled, enc.refiner_neg_embeds,
                                             enc.refiner_neg_pooled, req)
         n_ids = int({t.name: t for t in self.runners["refiner_unet"].spec.inputs}["time_ids"].shape[-1])

@@ -111,13 +111,16 @@ class PromptEncoder:
         return self._encode_2(negatives, timings, stage)
 
     def encode(self, prompts: list[str], negatives: list[str] | None, *, guidance: bool, refiner: bool,
-               timings: StageTimings) -> EncodedPrompts:
-        """Encode ``prompts`` (and ``negatives``; None = SDXL's default) for base and refiner."""
-        h1 = self._encode_1(prompts, timings)
+               timings: StageTimings, base: bool = True) -> EncodedPrompts:
+        """Encode ``prompts`` (and ``negatives``; None = SDXL's default) for base and refiner.
+
+        ``base=False`` (the refiner alone) skips the first text encoder: the refiner only reads
+        the second one, and its base fields are then left as the refiner's."""
+        h1 = self._encode_1(prompts, timings) if base else None
         h2, pooled = self._encode_2(prompts, timings)
-        out = EncodedPrompts(torch.cat([h1, h2], dim=-1), pooled, None, None)
+        out = EncodedPrompts(h2 if h1 is None else torch.cat([h1, h2], dim=-1), pooled, None, None)
         neg2: tuple[torch.Tensor, torch.Tensor] | None = None
-        if guidance:
+        if guidance and base:
             if negatives is None:  # force_zeros_for_empty_prompt
                 out.base_neg_embeds = torch.zeros_like(out.base_embeds)
                 out.base_neg_pooled = torch.zeros_like(pooled)

@@ -45,6 +45,11 @@ class SampleRequest:
     aesthetic_score: float
     negative_aesthetic_score: float
     output_type: str
+    #: img2img: the preprocessed image batch (N, 3, H, W) in [-1, 1], its strength, and whether
+    #: the refiner alone denoises it (no base). None for text-to-image.
+    image: torch.Tensor | None = None
+    strength: float = 1.0
+    refiner_only: bool = False
 
     @property
     def batch(self) -> int:
@@ -162,6 +167,42 @@ def check_request(
         negative_aesthetic_score=_finite(negative_aesthetic_score, "negative_aesthetic_score"),
         output_type=output_type,
     )
+
+
+def check_img2img(req: SampleRequest, *, image: torch.Tensor | None, strength: Any, refiner_only: Any,
+                  mask_image: Any, default_strength: float) -> SampleRequest:
+    """The img2img arguments, with the rules of diffusers' img2img pipeline plus the ones it
+    leaves to crash later (a strength that rounds to no step, an image batch that does not
+    divide the output batch)."""
+    from ..errors import InvalidImageError
+    from .img2img import check_image_batch
+    from .schedulers import strength_steps
+
+    if mask_image is not None:
+        raise InvalidImageError("a mask was given, but inpainting is not supported",
+                                "drop the mask: img2img (image= with strength=) repaints the whole image")
+    if image is None:
+        if strength is not None:
+            raise InvalidRequestError("strength applies to image-to-image only, and no image was given",
+                                      "pass image= (--image FILE), or drop strength")
+        if refiner_only:
+            raise InvalidRequestError("refiner_only needs an image to refine",
+                                      "pass image= (--image FILE) with refiner_only=True")
+        return req
+    s = default_strength if strength is None else _finite(strength, "strength")
+    if not 0.0 < s <= 1.0:
+        raise InvalidRequestError(f"strength must be in (0, 1], got {s}",
+                                  "pass a fraction such as 0.3 (light touch) to 1.0 (repaint everything)")
+    if strength_steps(req.steps, s) < 1:
+        raise InvalidRequestError(
+            f"strength {s} x {req.steps} steps rounds down to no denoising step",
+            f"raise strength to >= {1 / req.steps:.3g} or the number of steps to >= {math.ceil(1 / s)}")
+    check_image_batch(int(image.shape[0]), req.batch)
+    if refiner_only and not req.refiner:
+        raise InvalidRequestError("refiner_only=True asks for the refiner, refiner=False turns it off",
+                                  "drop refiner=False (--no-refiner) to refine the image")
+    req.image, req.strength, req.refiner_only = image, s, bool(refiner_only)
+    return req
 
 
 def repeat_per_image(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -9,7 +9,8 @@ so the pipeline makes a fresh one per call: calls from several threads never sha
 :func:`base_timesteps` and :func:`refiner_timesteps` are line-for-line the timestep
 logic of ``StableDiffusionXLPipeline.__call__`` (the ``denoising_end`` cut-off) and
 ``StableDiffusionXLImg2ImgPipeline.get_timesteps`` (``denoising_start``, the second-order
-``+1``, ``set_begin_index``) in diffusers 0.3x-0.4x.
+``+1``, ``set_begin_index``) in diffusers 0.3x-0.4x; :func:`strength_timesteps` is
+``get_timesteps`` with ``strength`` (img2img without a hand-off).
 """
 
 from __future__ import annotations
@@ -115,14 +116,36 @@ def base_timesteps(scheduler: Any, num_inference_steps: int, device: torch.devic
                    denoising_end: float | None) -> torch.Tensor:
     """The base pipeline's timesteps, cut at ``denoising_end`` (begin index 0)."""
     scheduler.set_timesteps(num_inference_steps, device=device)
-    timesteps = scheduler.timesteps
-    if denoising_end is not None and _valid_fraction(denoising_end):
-        n_train = scheduler.config.num_train_timesteps
-        cutoff = round(n_train - (denoising_end * n_train))
-        n = len(list(filter(lambda ts: ts >= cutoff, timesteps)))
-        timesteps = timesteps[:n]
+    timesteps = cut_at_end(scheduler, scheduler.timesteps, denoising_end)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
+    return timesteps
+
+
+def cut_at_end(scheduler: Any, timesteps: torch.Tensor, denoising_end: float | None) -> torch.Tensor:
+    """The ``denoising_end`` cut-off both SDXL pipelines apply to their timesteps (the hand-off)."""
+    if denoising_end is None or not _valid_fraction(denoising_end):
+        return timesteps
+    n_train = scheduler.config.num_train_timesteps
+    cutoff = round(n_train - (denoising_end * n_train))
+    n = len(list(filter(lambda ts: ts >= cutoff, timesteps)))
+    return timesteps[:n]
+
+
+def strength_steps(num_inference_steps: int, strength: float) -> int:
+    """How many of ``num_inference_steps`` an img2img call at ``strength`` runs (diffusers' rule)."""
+    return min(int(num_inference_steps * strength), num_inference_steps)
+
+
+def strength_timesteps(scheduler: Any, num_inference_steps: int, device: torch.device,
+                       strength: float) -> torch.Tensor:
+    """img2img's timesteps at ``strength`` (``get_timesteps`` without ``denoising_start``): the
+    last ``int(steps * strength)`` steps of the schedule, begin index set for ``add_noise``."""
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    t_start = max(num_inference_steps - strength_steps(num_inference_steps, strength), 0)
+    timesteps = scheduler.timesteps[t_start * scheduler.order:]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * scheduler.order)
     return timesteps
 
 
