@@ -50,8 +50,9 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", BACKEND_TRT, BACKEND_ORT)
 VAE_KINDS = ("vae_decoder", "vae_encoder")
-#: Exported components the runtime never opens get no engine (no img2img yet: the VAE encoder).
-RUNTIME_UNUSED = frozenset({"vae_encoder"})
+#: Exported components the runtime never opens get no engine (none now: img2img uses the VAE
+#: encoder, built over the same buckets as the decoder).
+RUNTIME_UNUSED: frozenset[str] = frozenset()
 PLAN_FILE = "engine.plan"
 
 

@@ -20,7 +20,7 @@ from sdxl_export.engines import ort_builder
 from sdxl_export.engines.store import GpuInfo, load_engine_store
 from sdxl_export.errors import CorruptArtifactError, StaleEngineError
 
-VAES = {"vae_decoder"}  # the VAE encoder gets no engine: the runtime has no img2img
+VAES = {"vae_decoder", "vae_encoder"}
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +65,11 @@ def test_default_build_makes_the_onnxruntime_twin(built):
     store = load_engine_store(root)
     assert store is not None
     export = json.loads((root / "manifest.json").read_text())
-    # Every exported component the runtime opens has an engine; the VAE encoder (img2img only) has none.
-    assert set(store.entries) == set(export["components"]) - {"vae_encoder"}
-    assert "vae_encoder" in export["components"] and not (root / "engines" / "vae_encoder").exists()
+    # Every exported component has an engine, the VAE encoder (img2img) included.
+    assert set(store.entries) == set(export["components"])
+    assert (root / "engines" / "vae_encoder").is_dir()
+    enc, dec = store.entries["vae_encoder"], store.entries["vae_decoder"]
+    assert {(b.height, b.width) for b in enc.buckets} == {(b.height, b.width) for b in dec.buckets}
     for name, e in store.entries.items():
         assert e.backend == "onnxruntime" and e.path.is_file() and e.path.parent.name == name
         assert e.precision == "fp32"  # the CPU twin: fp32, with the request recorded
@@ -257,4 +259,5 @@ def test_no_refiner_rebuild_removes_exactly_the_refiner(copy):
     kept = {k: v for k, v in before.items() if k != "manifest.json" and not k.startswith("refiner_unet")}
     assert {k: v for k, v in after.items() if k in kept} == kept
     store = load_engine_store(copy)
-    assert store is not None and set(store.entries) == {"text_encoder", "text_encoder_2", "unet", "vae_decoder"}
+    assert store is not None and set(store.entries) == {"text_encoder", "text_encoder_2", "unet", "vae_decoder",
+                                                          "vae_encoder"}

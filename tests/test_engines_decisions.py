@@ -21,7 +21,7 @@ from sdxl_export.errors import InputMismatchError, UnsupportedShapeError
 from sdxl_export.specs import specs_from_dicts
 
 H100 = GpuInfo("NVIDIA H100 80GB HBM3", "9.0")
-VAES = {"vae_decoder"}  # the VAE encoder gets no engine: the runtime has no img2img
+VAES = {"vae_decoder", "vae_encoder"}
 TEXT = {"text_encoder", "text_encoder_2"}
 
 
