@@ -1,7 +1,13 @@
-"""Offline CLIP-style BPE tokenizers for the embedded presets.
+"""Offline CLIP BPE tokenizers: SDXL's real ones, and small ones for the tiny presets.
 
-SDXL's tokenizers are CLIP BPE with 49408 tokens. The embedded presets cannot download
-them, so we build a small vocabulary with the *same structure* in code: CLIP's
+SDXL's tokenizers are CLIP's BPE tokenizer with 49408 tokens (tokenizer 2 pads with
+``"!"``, id 0). :func:`clip_tokenizers` builds them offline from CLIP's own merge list,
+``data/bpe_simple_vocab_16e6.txt.gz`` (OpenAI CLIP's file, MIT licence, the same file
+open_clip ships): the ``sdxl`` preset and single-file checkpoints use them, since a
+checkpoint carries no tokenizer.
+
+The ``tiny`` and ``small`` presets keep a small vocabulary with the *same structure*,
+built in code (changing it would change every test's weights): CLIP's
 byte-to-unicode alphabet (so ``"!"`` is id 0, as in CLIP, and tokenizer 2 pads with it),
 every character with an end-of-word marker, a few hundred merges learned from a
 fixed prompt-like corpus, then ``<|startoftext|>`` and ``<|endoftext|>`` as the two
@@ -14,11 +20,18 @@ from __future__ import annotations
 
 import collections
 import functools
+import gzip
+import hashlib
 import itertools
+from pathlib import Path
 from typing import Any
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
+#: CLIP's merge list (first line a header), shipped with this package.
+CLIP_BPE_FILE = Path(__file__).resolve().parent.parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
+#: CLIP's vocabulary size: 256 bytes, 256 bytes + ``</w>``, 48894 merges, BOS, EOS.
+CLIP_VOCAB_SIZE = 49408
 
 _CORPUS = """
 a photo of a cat sitting on a chair in the sun, highly detailed, sharp focus
@@ -95,16 +108,67 @@ def build_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     return {t: i for i, t in enumerate(tokens)}, tuple(merges)
 
 
-def make_tokenizers(max_length: int = 77) -> tuple[Any, Any]:
-    """(tokenizer, tokenizer_2) as SDXL has them: the second pads with ``"!"`` (id 0).
+@functools.lru_cache(maxsize=1)
+def clip_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """(vocab, merges) of CLIP's tokenizer, read from the shipped merge list.
 
-    transformers is imported here, not at module level: the vocabulary alone (a preset's
-    vocab size, its fingerprint) needs no ML library.
+    CLIP's vocabulary is not stored as such: it is the byte alphabet, the alphabet with
+    ``</w>``, the first 48894 merges joined, then BOS and EOS -- the construction
+    OpenAI's ``SimpleTokenizer`` (and open_clip's copy of it) uses.
     """
+    lines = gzip.decompress(CLIP_BPE_FILE.read_bytes()).decode("utf-8").split("\n")
+    n_merges = CLIP_VOCAB_SIZE - 2 * 256 - 2
+    merges = tuple((a, b) for a, b in (ln.split() for ln in lines[1:1 + n_merges]))
+    alphabet = list(bytes_to_unicode().values())
+    tokens = alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in merges] + [BOS, EOS]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != CLIP_VOCAB_SIZE:
+        raise RuntimeError(f"{CLIP_BPE_FILE} gives {len(vocab)} tokens, not {CLIP_VOCAB_SIZE}: a damaged install")
+    return vocab, merges
+
+
+@functools.lru_cache(maxsize=1)
+def clip_vocab_sha() -> str:
+    """sha256 of the shipped merge list: the CLIP tokenizers' identity in fingerprints."""
+    return hashlib.sha256(CLIP_BPE_FILE.read_bytes()).hexdigest()
+
+
+def _tokenizer_pair(vocab: dict[str, int], pairs: tuple[tuple[str, str], ...], max_length: int) -> tuple[Any, Any]:
     from transformers import CLIPTokenizer
 
-    vocab, pairs = build_vocab()
     merges: Any = list(pairs)  # the BPE backend takes (a, b) tuples; the stubs say list[str]
     tok1 = CLIPTokenizer(vocab=dict(vocab), merges=merges, pad_token=EOS, model_max_length=max_length)
     tok2 = CLIPTokenizer(vocab=dict(vocab), merges=merges, pad_token="!", model_max_length=max_length)
     return tok1, tok2
+
+
+def clip_tokenizers(max_length: int = 77) -> tuple[Any, Any]:
+    """SDXL's (tokenizer, tokenizer_2): CLIP's BPE, the second padding with ``"!"``.
+
+    transformers' ``CLIPTokenizer`` over CLIP's vocabulary and merges: the class (and so
+    the normalisation: NFC, whitespace, lower case) diffusers uses for SDXL's tokenizer
+    folders. Its ids equal open_clip's ``tokenize`` on any text that CLIP's ftfy/HTML
+    clean-up leaves unchanged (the tests check a corpus); like transformers, it does not
+    run ftfy.
+    """
+    vocab, pairs = clip_vocab()
+    return _tokenizer_pair(vocab, pairs, max_length)
+
+
+def tokenizers_for_vocab(vocab_size: int, max_length: int = 77) -> tuple[Any, Any] | None:
+    """The offline tokenizer pair whose vocabulary has ``vocab_size`` tokens, or None."""
+    if vocab_size == CLIP_VOCAB_SIZE:
+        return clip_tokenizers(max_length)
+    if vocab_size == len(build_vocab()[0]):
+        return make_tokenizers(max_length)
+    return None
+
+
+def make_tokenizers(max_length: int = 77) -> tuple[Any, Any]:
+    """(tokenizer, tokenizer_2) of the tiny/small presets: the second pads with ``"!"`` (id 0).
+
+    transformers is imported here, not at module level: the vocabulary alone (a preset's
+    vocab size, its fingerprint) needs no ML library.
+    """
+    vocab, pairs = build_vocab()
+    return _tokenizer_pair(vocab, pairs, max_length)

@@ -1,4 +1,5 @@
-"""Load an SDXL model (base + optional refiner) from a preset, a diffusers folder or a hub id.
+"""Load an SDXL model (base + optional refiner) from a preset, a diffusers folder, a
+single-file checkpoint (:mod:`.single_file`) or a hub id, optionally with a separate VAE.
 
 Two steps, so that work is only done when it is needed:
 
@@ -13,6 +14,9 @@ Two steps, so that work is only done when it is needed:
 
 Loading never unpickles: weights come from safetensors only, and a folder whose weights
 are only pickle checkpoints (.bin/.pt/.ckpt) is refused with :class:`UnsafeCheckpointError`.
+
+A separate VAE (``vae=``: a diffusers VAE folder, a model folder with ``vae/``, a
+single file or a preset) replaces the base's VAE part; it is part of the identity.
 
 The refiner shares text_encoder_2 and the VAE with the base, exactly as diffusers'
 documented base+refiner example does (``text_encoder_2=base.text_encoder_2,
@@ -237,9 +241,7 @@ def preset_part_fingerprint(name: str, part: str) -> str:
     """
     cfg = _presets.get_preset(name)
     if part in ("tokenizer", "tokenizer_2"):
-        from .clip_vocab import build_vocab
-
-        section: Any = build_vocab()
+        section: Any = _preset_tokenizer_identity(name)
     elif part in ("scheduler", "refiner_scheduler"):
         section = cfg.scheduler
     else:
@@ -258,7 +260,8 @@ class ModelSource:
     """A checked, fingerprinted model source whose weights are not loaded yet.
 
     ``origins`` maps each part to ``("preset", name)``, ``("folder", Path)`` (the
-    diffusers folder holding it) or ``("loaded", SDXLModel)``.
+    diffusers folder holding it), ``("subfolder", Path)`` (the component's own folder: a
+    stand-alone VAE), ``("file", SingleFile)`` or ``("loaded", SDXLModel)``.
     """
 
     kind: str
@@ -266,6 +269,8 @@ class ModelSource:
     refiner: str | None
     origins: dict[str, tuple[str, Any]]
     fingerprints: dict[str, str]
+    #: the separate VAE replacing the base's (``--vae``), None for the model's own
+    vae: str | None = None
 
     @property
     def has_refiner(self) -> bool:
@@ -274,8 +279,9 @@ class ModelSource:
     @property
     def identity(self) -> dict[str, Any]:
         """The manifest's ``source``: what was exported, and its fingerprint (whole and per part)."""
-        return {"kind": self.kind, "id": self.id, "refiner": self.refiner,
-                "fingerprint": _sha(self.fingerprints), "parts": dict(self.fingerprints)}
+        ident = {"kind": self.kind, "id": self.id, "refiner": self.refiner,
+                 "fingerprint": _sha(self.fingerprints), "parts": dict(self.fingerprints)}
+        return ident | ({"vae": self.vae} if self.vae else {})
 
     def part_config(self, part: str) -> dict[str, Any]:
         """The config dict of a model part (text encoders, UNets, VAE), read without weights.
@@ -292,7 +298,9 @@ class ModelSource:
             if part.startswith("text_encoder"):
                 cfg["vocab_size"] = _preset_vocab_size(where)
             return cfg
-        sub = where / PART_FOLDERS[part]
+        if origin == "file":
+            return where.part_config(part)
+        sub = where if origin == "subfolder" else where / PART_FOLDERS[part]
         cfg = _read_config(lambda: json.loads((sub / "config.json").read_text()), sub)
         if part.startswith("text_encoder") and not {"vocab_size", "hidden_size", "projection_dim"} <= set(cfg):
             from transformers import CLIPTextConfig
@@ -323,7 +331,11 @@ class ModelSource:
             return getattr(where, attr)
         if origin == "preset":
             return _build_preset_part(where, part)
-        return _load_folder_part(where, part)
+        if origin == "file":
+            from .single_file import load_file_part
+
+            return load_file_part(where, part)
+        return _load_folder_part(where if origin == "subfolder" else where / PART_FOLDERS[part], part)
 
     def load(self) -> SDXLModel:
         """Every part, as one :class:`SDXLModel`."""
@@ -350,7 +362,7 @@ class ModelSource:
         fps = {p: recorded.get(p) or (_sha([whole, p]) if whole else content_fingerprint(model, p)) for p in parts}
         return cls(kind=str(src.get("kind", "loaded")), id=str(src.get("id", "in-memory model")),
                    refiner=src.get("refiner") if model.has_refiner else None,
-                   origins={p: ("loaded", model) for p in parts}, fingerprints=fps)
+                   origins={p: ("loaded", model) for p in parts}, fingerprints=fps, vae=src.get("vae"))
 
 
 def content_fingerprint(model: SDXLModel, part: str) -> str:
@@ -385,18 +397,26 @@ def _read_config(read: Any, where: Path) -> dict[str, Any]:
 
 
 def _preset_vocab_size(name: str) -> int:
-    from .clip_vocab import build_vocab
+    from .clip_vocab import CLIP_VOCAB_SIZE, build_vocab
 
-    return 49408 if name == "sdxl" else len(build_vocab()[0])
+    return CLIP_VOCAB_SIZE if name == "sdxl" else len(build_vocab()[0])
+
+
+def _preset_tokenizer_identity(name: str) -> Any:
+    """The ``sdxl`` preset uses CLIP's real tokenizers (its merge list's sha256); tiny/small their own."""
+    from .clip_vocab import build_vocab, clip_vocab_sha
+
+    return {"clip_bpe": clip_vocab_sha()} if name == "sdxl" else build_vocab()
 
 
 def _build_preset_part(name: str, part: str) -> Any:
     """One part of an embedded preset, seeded exactly as the whole-model build seeds it."""
     cfg = _presets.get_preset(name)
     if part in ("tokenizer", "tokenizer_2"):
-        from .clip_vocab import make_tokenizers
+        from .clip_vocab import clip_tokenizers, make_tokenizers
 
-        return make_tokenizers(MAX_TOKENS)[0 if part == "tokenizer" else 1]
+        pair = clip_tokenizers(MAX_TOKENS) if name == "sdxl" else make_tokenizers(MAX_TOKENS)
+        return pair[0 if part == "tokenizer" else 1]
     if part in ("scheduler", "refiner_scheduler"):
         return dict(cfg.scheduler)
     import torch
@@ -416,12 +436,11 @@ def _build_preset_part(name: str, part: str) -> Any:
     return mod.eval().requires_grad_(False)
 
 
-def _load_folder_part(folder: Path, part: str) -> Any:
-    """One part of a diffusers folder (safetensors only); load failures are named errors."""
+def _load_folder_part(sub: Path, part: str) -> Any:
+    """One part from its diffusers (sub)folder (safetensors only); load failures are named errors."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    sub = folder / PART_FOLDERS[part]
     if part in ("scheduler", "refiner_scheduler"):
         return _read_config(lambda: json.loads((sub / "scheduler_config.json").read_text()), sub)
     loaders: dict[str, Any] = {
@@ -456,41 +475,43 @@ def _check_folder(path: Path, needed: tuple[str, ...], role: str) -> None:
             "re-save the model with diffusers' save_pretrained so every component is present",
         )
     for c in needed:
-        sub = path / c
-        if c in WEIGHT_FOLDERS and not (sub / "config.json").is_file():
-            raise errors.MissingComponentError(
-                f"{role} folder {path}: {c}/config.json is missing",
-                "re-save the model with diffusers' save_pretrained so every component is present",
-            )
-        weights = [p for p in sub.iterdir() if p.suffix in PICKLE_SUFFIXES + (".safetensors",)]
-        if weights and not any(p.suffix == ".safetensors" for p in weights):
-            raise errors.UnsafeCheckpointError(
-                f"{sub} has only pickle weights ({', '.join(sorted(p.name for p in weights))})",
-                "convert it to safetensors (save_pretrained(..., safe_serialization=True)); "
-                "sdxl-export never unpickles checkpoints",
-            )
-        if c in WEIGHT_FOLDERS and not weights:
-            raise errors.MissingComponentError(
-                f"{role} folder {path}: {c}/ has no weights (*.safetensors)",
-                "re-save the model with diffusers' save_pretrained(..., safe_serialization=True)",
-            )
+        _check_folder_weights(path / c, c, f"{role} folder {path}: {c}/")
+
+
+def _check_folder_weights(sub: Path, c: str, where: str) -> None:
+    """A component folder: its config, and weights as safetensors (pickle-only is refused)."""
+    if c in WEIGHT_FOLDERS and not (sub / "config.json").is_file():
+        raise errors.MissingComponentError(
+            f"{where}config.json is missing",
+            "re-save the model with diffusers' save_pretrained so every component is present",
+        )
+    weights = [p for p in sub.iterdir() if p.suffix in PICKLE_SUFFIXES + (".safetensors",)]
+    if weights and not any(p.suffix == ".safetensors" for p in weights):
+        raise errors.UnsafeCheckpointError(
+            f"{sub} has only pickle weights ({', '.join(sorted(p.name for p in weights))})",
+            "convert it to safetensors (save_pretrained(..., safe_serialization=True)); "
+            "sdxl-export never unpickles checkpoints",
+        )
+    if c in WEIGHT_FOLDERS and not weights:
+        raise errors.MissingComponentError(
+            f"{where} has no weights (*.safetensors)",
+            "re-save the model with diffusers' save_pretrained(..., safe_serialization=True)",
+        )
 
 
 def _resolve(src: str, role: str) -> tuple[str, Path | None]:
-    """('preset', None) | ('folder', path) | ('hub', local snapshot path)."""
+    """('preset', None) | ('folder', path) | ('file', path) | ('hub', local snapshot path)."""
     if src in _presets.PRESETS:
         return "preset", None
     p = Path(src).expanduser()
     if p.exists():
-        if not p.is_dir():
-            raise errors.ModelSourceError(f"{role} {p} is a file, not a diffusers folder",
-                                          "pass the folder that save_pretrained wrote")
-        return "folder", p
+        return ("folder" if p.is_dir() else "file"), p
     if src.count("/") == 1 and not src.startswith((".", "/", "~")) and all(src.split("/")):
         return "hub", _download(src, role)
     raise errors.ModelSourceError(
-        f"{role} {src!r} is neither a preset, an existing folder, nor a hub id",
-        f"use one of {', '.join(_presets.preset_names())}, a diffusers folder path, or ORG/NAME",
+        f"{role} {src!r} is neither a preset, an existing folder or file, nor a hub id",
+        f"use one of {', '.join(_presets.preset_names())}, a diffusers folder, a .safetensors checkpoint, "
+        "or ORG/NAME",
     )
 
 
@@ -510,48 +531,81 @@ def _download(repo_id: str, role: str) -> Path:
         ) from None
 
 
-def resolve_source(model: str = "tiny", refiner: str | None = "same", with_refiner: bool = True) -> ModelSource:
-    """Check and fingerprint a base (+ refiner) source without loading any weights.
+def _file_fingerprint(sf: Any, part: str) -> str:
+    """A single file's part: the file's name/size/mtime, the configs and the converter's version."""
+    from .clip_vocab import CLIP_VOCAB_SIZE, build_vocab, clip_vocab_sha
 
-    ``refiner="same"`` means: the preset's own refiner for a preset, no refiner for a
-    folder or hub id unless one is named (SDXL's refiner is a separate checkpoint).
-    """
-    kind, path = _resolve(model, "model")
+    if part in ("tokenizer", "tokenizer_2"):
+        section: Any = {"clip_bpe": clip_vocab_sha()} if sf.vocab_size == CLIP_VOCAB_SIZE else build_vocab()
+    elif part in ("scheduler", "refiner_scheduler"):
+        section = _presets.get_preset(sf.preset).scheduler
+    else:
+        section = sf.part_config(part)
+    return _sha({"file": sf.fingerprint(), "part": part, "config": section, "diffusers": _version("diffusers")})
+
+
+def _source_parts(src: str, role: str, parts: tuple[str, ...]) -> tuple[str, str, dict[str, tuple[str, Any]],
+                                                                           dict[str, str]]:
+    """(kind, id, origins, fingerprints) of ``parts`` of one source given as ``role``."""
+    kind, path = _resolve(src, {"base": "model"}.get(role, role))
     origins: dict[str, tuple[str, Any]] = {}
     fps: dict[str, str] = {}
     if kind == "preset":
-        for part in BASE_PARTS:
-            origins[part], fps[part] = ("preset", model), preset_part_fingerprint(model, part)
-        ident = model
+        for part in parts:
+            origins[part], fps[part] = ("preset", src), preset_part_fingerprint(src, part)
+        return kind, src, origins, fps
+    assert path is not None
+    if kind == "file":
+        from .single_file import inspect_file
+
+        sf = inspect_file(path, role)
+        for part in parts:
+            origins[part], fps[part] = ("file", sf), _file_fingerprint(sf, part)
+    elif role == "vae" and (path / "config.json").is_file():  # a stand-alone VAE folder
+        _check_folder_weights(path, "vae", f"VAE folder {path}: ")
+        origins["vae"], fps["vae"] = ("subfolder", path), folder_fingerprint(path)
     else:
-        assert path is not None
-        _check_folder(path, BASE_FOLDERS, "base model")
-        for part in BASE_PARTS:
+        _check_folder(path, {"base": BASE_FOLDERS, "refiner": REFINER_FOLDERS}.get(role, ("vae",)),
+                      {"base": "base model"}.get(role, role))
+        for part in parts:
             origins[part], fps[part] = ("folder", path), folder_fingerprint(path / PART_FOLDERS[part])
-        ident = model if kind == "hub" else str(path.resolve())
+    return kind, (src if kind == "hub" else str(path.resolve())), origins, fps
+
+
+def resolve_source(model: str = "tiny", refiner: str | None = "same", with_refiner: bool = True,
+                   vae: str | None = None) -> ModelSource:
+    """Check and fingerprint a base (+ refiner) (+ separate VAE) source without loading any weights.
+
+    ``model``/``refiner``: a preset, a diffusers folder, a single-file ``.safetensors``
+    checkpoint or a hub id. ``refiner="same"`` means: the preset's own refiner for a
+    preset, no refiner for anything else unless one is named (SDXL's refiner is a
+    separate checkpoint). ``vae``: a VAE replacing the base's (a diffusers VAE folder, a
+    model folder with ``vae/``, a single file or a preset), recorded in the identity.
+    """
+    kind, ident, origins, fps = _source_parts(model, "base", BASE_PARTS)
     refiner_id: str | None = None
     rsrc = None if not with_refiner or refiner is None else model if refiner == "same" else str(refiner)
     if refiner == "same" and kind != "preset":
         log.info("no refiner named for %s: the base only (pass --refiner SRC for one)", model)
         rsrc = None
     if rsrc is not None:
-        rkind, rpath = _resolve(rsrc, "refiner")
-        for part in REFINER_PARTS:
-            if rkind == "preset":
-                origins[part], fps[part] = ("preset", rsrc), preset_part_fingerprint(rsrc, part)
-            else:
-                assert rpath is not None
-                _check_folder(rpath, REFINER_FOLDERS, "refiner")
-                origins[part], fps[part] = ("folder", rpath), folder_fingerprint(rpath / PART_FOLDERS[part])
-        refiner_id = rsrc if rkind != "folder" else str(Path(rsrc).expanduser().resolve())
-    source = ModelSource(kind=kind, id=ident, refiner=refiner_id, origins=origins, fingerprints=fps)
+        _, refiner_id, r_origins, r_fps = _source_parts(rsrc, "refiner", REFINER_PARTS)
+        origins |= r_origins
+        fps |= r_fps
+    vae_id = None
+    if vae is not None:
+        _, vae_id, v_origins, v_fps = _source_parts(str(vae), "vae", ("vae",))
+        origins |= v_origins
+        fps |= v_fps
+    source = ModelSource(kind=kind, id=ident, refiner=refiner_id, origins=origins, fingerprints=fps, vae=vae_id)
     source.dims()  # configs must describe an SDXL base (+ refiner): fail now, not mid-export
     return source
 
 
-def load_model(model: str = "tiny", refiner: str | None = "same", with_refiner: bool = True) -> SDXLModel:
-    """Load base (+ refiner) from a preset name, a diffusers folder, or a hub id."""
-    return resolve_source(model, refiner, with_refiner).load()
+def load_model(model: str = "tiny", refiner: str | None = "same", with_refiner: bool = True,
+               vae: str | None = None) -> SDXLModel:
+    """Load base (+ refiner) from a preset, a diffusers folder, a single file or a hub id (+ a VAE)."""
+    return resolve_source(model, refiner, with_refiner, vae).load()
 
 
 def build_preset(name: str = "tiny", with_refiner: bool = True) -> SDXLModel:

@@ -192,10 +192,10 @@ def test_base_folder_passed_as_refiner_is_refused(tiny_diffusers_folders):
         resolve_source(str(base), refiner=str(base))
 
 
-def test_file_as_model_is_refused(tmp_path):
+def test_unreadable_file_as_model_is_refused(tmp_path):
     f = tmp_path / "model.safetensors"
     f.write_bytes(b"x")
-    with pytest.raises(errors.ModelSourceError, match="is a file"):
+    with pytest.raises(errors.ModelSourceError, match="not a readable safetensors file"):
         resolve_source(str(f))
     with pytest.raises(errors.ModelSourceError, match="unknown preset"):
         build_preset("huge")
