@@ -28,7 +28,8 @@ def output_paths(out: Path, n: int) -> list[Path]:
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "run", help="generate images with base+refiner on the exported/built components",
-        description="Text-to-image with SDXL base (+ refiner) on an artifact folder, exact to diffusers' "
+        description="Text-to-image (or image-to-image with --image) with SDXL base (+ refiner) on an "
+        "artifact folder, exact to diffusers' "
         "pipelines for the same seed. Prints per-stage timings.",
     )
     p.add_argument("prompt", help="the prompt (empty string allowed)")
@@ -47,6 +48,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("--denoising-end", type=float, default=0.8, metavar="F",
                    help="fraction of denoising done by the base before the refiner (default 0.8)")
     p.add_argument("--no-refiner", action="store_true", help="base only")
+    p.add_argument("--image", type=Path, default=None, metavar="FILE",
+                   help="image-to-image from this PNG/JPEG/WebP (its size, or --height/--width to resize it)")
+    p.add_argument("--strength", type=float, default=None, metavar="S",
+                   help="img2img: how much of the schedule re-runs, in (0, 1] (default 0.3, diffusers')")
+    p.add_argument("--refiner-only", action="store_true",
+                   help="img2img with the refiner alone: refine --image (no base)")
+    p.add_argument("--mask", type=Path, default=None, metavar="FILE",
+                   help="inpainting mask: not supported (refused with an error rather than ignored)")
     p.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt (default 1)")
     p.add_argument("--backend", default="auto", metavar="NAME",
                    help=f"auto, {', '.join(BACKENDS)} (auto: TensorRT engines where built and usable, "
@@ -68,12 +77,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             height, width = pipe.nearest_size(height or pipe.native_size, width or pipe.native_size)
             log.info("nearest bucket: %dx%d", height, width)
         refiner = not args.no_refiner
-        if refiner and not pipe.has_refiner:
+        if refiner and not pipe.has_refiner and not args.refiner_only:
             log.warning("%s has no refiner: running the base only", args.artifacts)
             refiner = False
         result = pipe(args.prompt, args.negative, height=height, width=width, num_inference_steps=args.steps,
                       guidance_scale=args.guidance, denoising_end=args.denoising_end, refiner=refiner,
-                      seed=args.seed, num_images_per_prompt=args.num_images, scheduler=args.scheduler)
+                      seed=args.seed, num_images_per_prompt=args.num_images, scheduler=args.scheduler,
+                      image=args.image, strength=args.strength, refiner_only=args.refiner_only,
+                      mask_image=args.mask)
     paths = output_paths(args.out, len(result.images))
     for image, path in zip(result.images, paths):
         try:
@@ -89,6 +100,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     for path in paths:
         print(f"wrote {path}")
+    if info.get("img2img"):
+        print(f"img2img from {args.image}, strength {info['strength']}"
+              + (", refiner only" if info["refiner_only"] else ""))
     print(f"seed {result.seed}, {info['height']}x{info['width']}, {info['scheduler']}, "
           f"{info['base_steps']} base + {info['refiner_steps']} refiner steps, {info['backend']} on {info['device']}")
     for line in result.timings.summary_lines():

@@ -264,3 +264,39 @@ def test_an_rgba_file_and_its_path_run_like_the_rgb_image(pipe, tmp_path):
     a = pipe("x", image=img, **kw).latents
     b = pipe("x", image=tmp_path / "in.png", **kw).latents
     assert torch.equal(a, b)
+
+
+# ---- the CLI ------------------------------------------------------------------------------------
+def test_cli_run_image_writes_the_pipelines_image(pipe, tiny_artifacts, tmp_path):
+    from fixtures import run_cli
+
+    test_image(128, 192, seed=3).save(tmp_path / "in.png")
+    rc, out, err = run_cli("run", "a hill", "--artifacts", str(tiny_artifacts), "--image", str(tmp_path / "in.png"),
+                           "--strength", "0.5", "--steps", "4", "--seed", "9", "--backend", "onnxruntime",
+                           "--device", "cpu", "--out", str(tmp_path / "out.png"))
+    assert rc == 0, err
+    assert "img2img from" in out and "strength 0.5" in out and "128x192" in out
+    want = pipe("a hill", image=tmp_path / "in.png", strength=0.5, num_inference_steps=4, seed=9).images[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")), np.asarray(want))
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--strength", "1.5"], "strength must be in (0, 1], got 1.5"),
+    (["--strength", "0.5", "--image", "{tmp}/corrupt.png"], "cannot decode"),
+    (["--image", "{tmp}/in.png", "--mask", "{tmp}/in.png"], "inpainting is not supported"),
+    (["--strength", "0.5"], "no image was given"),
+])
+def test_cli_bad_img2img_input_is_one_line_and_exit_2(tiny_artifacts, tmp_path, args, match):
+    from fixtures import run_cli
+
+    test_image(64, 64).save(tmp_path / "in.png")
+    (tmp_path / "corrupt.png").write_bytes(b"not an image")
+    argv = [a.format(tmp=tmp_path) for a in args]
+    if "--image" not in argv:
+        argv += ["--image", str(tmp_path / "in.png")] if "no image" not in match else []
+    rc, out, err = run_cli("run", "x", "--artifacts", str(tiny_artifacts), "--steps", "2", "--backend",
+                           "onnxruntime", "--device", "cpu", "--out", str(tmp_path / "o.png"), *argv)
+    assert rc == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("sdxl-export: error: ") and match in lines[-1] and ". Fix: " in lines[-1], err
+    assert "Traceback" not in err
