@@ -96,7 +96,7 @@ def load_reference_model(artifacts: str | Path) -> Any:
         raise MissingComponentError(f"{arts.root} has no torch/ weights and records no model source",
                                     "re-export without --no-torch-weights, or pass --baseline none")
     log.info("baseline: no torch/ weights in %s, loading the source %s", arts.root, source["id"])
-    model = load_model(source["id"], refiner=source.get("refiner"), with_refiner=has_refiner)
+    model = load_model(source["id"], refiner=source.get("refiner"), with_refiner=has_refiner, vae=source.get("vae"))
     if model.source.get("fingerprint") != source.get("fingerprint"):
         raise ArtifactError(
             f"the model source {source['id']} changed since {arts.root} was exported",

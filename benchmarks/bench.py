@@ -60,6 +60,8 @@ class BenchConfig:
     artifacts: Path | None = None
     model: str | None = None
     refiner_source: str | None = "same"
+    #: a VAE replacing the model's (``--vae``)
+    vae_source: str | None = None
     #: Where ``model`` is exported and built (default: a new temporary folder).
     work_dir: Path | None = None
     build: bool = True
@@ -178,7 +180,8 @@ def prepare_artifacts(cfg: BenchConfig) -> tuple[Path, dict[str, Any]]:
     out = Path(cfg.work_dir) if cfg.work_dir is not None else Path(tempfile.mkdtemp(prefix="sdxl-bench-")) / "art"
     log.info("exporting %s to %s", cfg.model, out)
     t0 = time.perf_counter()
-    manifest = export_model(cfg.model, out, refiner=cfg.refiner_source, with_refiner=cfg.use_refiner)
+    manifest = export_model(cfg.model, out, refiner=cfg.refiner_source, with_refiner=cfg.use_refiner,
+                            vae=cfg.vae_source)
     timing["export_seconds"] = time.perf_counter() - t0
     fresh = [bool(manifest.get("up_to_date"))]
     if cfg.build:
@@ -189,7 +192,7 @@ def prepare_artifacts(cfg: BenchConfig) -> tuple[Path, dict[str, Any]]:
         for backend in backends:
             log.info("building %s engines over %s, batch %s", backend, buckets, cfg.batch_sizes)
             report = build(BuildOptions(model=cfg.model, refiner=cfg.refiner_source, with_refiner=cfg.use_refiner,
-                                        out=out, backend=backend, buckets=buckets,
+                                        vae=cfg.vae_source, out=out, backend=backend, buckets=buckets,
                                         batch_sizes=tuple(cfg.batch_sizes)))
             timing["built_backends"].append(report.backend)
             fresh.append(report.up_to_date)

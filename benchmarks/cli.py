@@ -32,8 +32,10 @@ def register(subparsers: Any) -> None:
     src.add_argument("--artifacts", type=Path, default=None, metavar="DIR",
                      help=f"an existing export/build (default {DEFAULT_ARTIFACTS} unless --model or --suite)")
     src.add_argument("--model", default=None, metavar="SRC",
-                     help="export (and build) this model first: preset name, diffusers folder or hub id")
+                     help="export (and build) this model first: preset name, diffusers folder, single-file "
+                     ".safetensors checkpoint or hub id")
     p.add_argument("--refiner", default=None, metavar="SRC", help="refiner source for --model (default: same)")
+    p.add_argument("--vae", default=None, metavar="DIR|FILE", help="a VAE replacing the model's, for --model")
     p.add_argument("--work-dir", type=Path, default=None, metavar="DIR",
                    help="where --model is exported and built (default: a new temporary folder)")
     p.add_argument("--no-build", action="store_true", help="with --model: export only, no engines")
@@ -106,7 +108,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         cfg = replace(cfg, artifacts=args.artifacts, model=None)
     elif cfg.model is None and cfg.artifacts is None:
         cfg = replace(cfg, artifacts=DEFAULT_ARTIFACTS)
-    simple = {"refiner_source": args.refiner, "work_dir": args.work_dir, "buckets": args.buckets,
+    simple = {"refiner_source": args.refiner, "vae_source": args.vae, "work_dir": args.work_dir, "buckets": args.buckets,
               "steps": args.steps, "runs": args.runs, "warmup": args.warmup, "baseline": args.baseline,
               "baseline_device": args.baseline_device, "torch_threads": args.torch_threads, "guidance_scale": args.guidance,
               "denoising_end": args.denoising_end, "scheduler": args.scheduler, "prompt": args.prompt,

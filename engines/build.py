@@ -64,6 +64,8 @@ class BuildOptions:
     refiner: str | None = "same"
     with_refiner: bool = True
     out: Path = DEFAULT_ARTIFACTS
+    #: a VAE replacing the model's (``--vae``)
+    vae: str | None = None
     precision: str = "fp32"
     vae_precision: str = "fp32"
     buckets: str = "all"
@@ -100,6 +102,8 @@ class BuildOptions:
             args.append("--no-refiner")
         elif o.refiner != "same":
             args += ["--refiner", o.refiner]
+        if o.vae is not None:
+            args += ["--vae", o.vae]
         if o.precision != "fp32":
             args.append(f"--{o.precision}")
         if o.vae_precision != d.vae_precision:
@@ -316,7 +320,7 @@ def build(opts: BuildOptions) -> BuildReport:
                  "parity with the export); recorded as precision_requested=%s, precision=fp32",
                  opts.precision, opts.precision)
     export_manifest = export_model(opts.model, opts.out, refiner=opts.refiner, with_refiner=opts.with_refiner,
-                                   opset=opts.opset)
+                                   opset=opts.opset, vae=opts.vae)
     root = Path(opts.out).resolve()
     plan = make_plan(opts, export_manifest)
     if backend == BACKEND_TRT:

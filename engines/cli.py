@@ -14,6 +14,7 @@ from typing import Any
 
 from ..artifacts import DEFAULT_ARTIFACTS
 from ..errors import ArtifactError, InvalidRequestError
+from ..export.cli import add_source_options
 from . import ort_builder
 from .planner import DEFAULT_MODE, MODES, Plan
 from .trt_builder import DEFAULT_OPT_LEVEL, HARDWARE_COMPAT, MAX_OPT_LEVEL
@@ -38,10 +39,7 @@ def add_build_options(p: argparse.ArgumentParser) -> None:
                       help="the same as --fp16/--bf16, or fp32 (the default)")
     p.add_argument("--vae-precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="precision of the VAE engines (default fp32/TF32: SDXL's VAE overflows in fp16)")
-    p.add_argument("--model", default="tiny", metavar="SRC", help="preset, diffusers folder or hub id (default tiny)")
-    ref = p.add_mutually_exclusive_group()
-    ref.add_argument("--refiner", default="same", metavar="SRC", help="refiner source (default: the model's own)")
-    ref.add_argument("--no-refiner", action="store_true", help="no refiner engine")
+    add_source_options(p)
     p.add_argument("--out", type=Path, default=DEFAULT_ARTIFACTS, metavar="DIR",
                    help=f"artifact folder (default {DEFAULT_ARTIFACTS})")
     p.add_argument("--buckets", default="all", metavar="all|HxW,...",
@@ -68,6 +66,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
 
     return BuildOptions(
         model=args.model, refiner=None if args.no_refiner else args.refiner, with_refiner=not args.no_refiner,
+        vae=args.vae,
         out=args.out, precision=args.precision, vae_precision=args.vae_precision, buckets=args.buckets,
         batch_sizes=tuple(args.batch_sizes), profiles=args.profiles, backend=args.backend,
         timing_cache=args.timing_cache, workspace_gb=args.workspace_gb,

@@ -76,6 +76,10 @@ def _refiner_config(model: str, refiner: str | None, with_refiner: bool) -> dict
 
 def dims_for_source(model: str, refiner: str | None = "same", with_refiner: bool = True) -> ModelDims:
     """ModelDims of a preset or a diffusers folder from its configs alone."""
+    if any(s not in (None, "same") and Path(s).expanduser().is_file() for s in (model, refiner)):
+        from ..models.loader import resolve_source  # single files: their headers (no weights) and configs
+
+        return resolve_source(model, refiner, with_refiner).dims()
     ref = _refiner_config(model, refiner, with_refiner)
     if model in _presets.PRESETS:
         cfg = _presets.get_preset(model)
@@ -96,7 +100,7 @@ def dims_for_source(model: str, refiner: str | None = "same", with_refiner: bool
 
 def _source_matches(source: Mapping[str, Any], model: str, refiner: str | None, with_refiner: bool) -> bool:
     kind, ident = source.get("kind"), source.get("id")
-    if kind == "folder":
+    if kind in ("folder", "file"):
         same = Path(model).expanduser().resolve() == Path(str(ident)).resolve()
     else:
         same = ident == model

@@ -22,12 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(dynamic batch and size), validate each against PyTorch in ONNX Runtime, and write a "
         "self-contained artifact folder. Incremental: a rerun with the same inputs does nothing.",
     )
-    p.add_argument("--model", default="tiny", metavar="SRC",
-                   help="preset (tiny, small, sdxl), diffusers folder or hub id (default tiny)")
-    ref = p.add_mutually_exclusive_group()
-    ref.add_argument("--refiner", default="same", metavar="SRC",
-                     help="refiner: preset, diffusers folder or hub id (default: a preset's own; none for a folder)")
-    ref.add_argument("--no-refiner", action="store_true", help="export the base only (5 components)")
+    add_source_options(p)
     p.add_argument("--out", type=Path, default=DEFAULT_ARTIFACTS, metavar="DIR",
                    help=f"artifact folder (default {DEFAULT_ARTIFACTS})")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="N",
@@ -44,13 +39,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.set_defaults(func=run_inspect)
 
 
+def add_source_options(p: argparse.ArgumentParser) -> None:
+    """--model, --refiner/--no-refiner and --vae: the sources every command that exports takes."""
+    p.add_argument("--model", default="tiny", metavar="SRC",
+                   help="preset (tiny, small, sdxl), diffusers folder, single-file .safetensors checkpoint "
+                   "(e.g. sd_xl_base_1.0.safetensors) or hub id (default tiny)")
+    ref = p.add_mutually_exclusive_group()
+    ref.add_argument("--refiner", default="same", metavar="SRC",
+                     help="refiner: preset, diffusers folder, single file or hub id (default: a preset's own; "
+                     "none otherwise)")
+    ref.add_argument("--no-refiner", action="store_true", help="the base only (no refiner)")
+    p.add_argument("--vae", default=None, metavar="DIR|FILE",
+                   help="a VAE replacing the model's (diffusers folder or single file, e.g. the fp16-fix VAE)")
+
+
 def run_export(args: argparse.Namespace) -> int:
     from .exporter import export_model
     from .report import export_summary
 
     result = export_model(
         args.model, args.out, refiner=None if args.no_refiner else args.refiner,
-        with_refiner=not args.no_refiner, opset=args.opset, torch_weights=not args.no_torch_weights,
+        with_refiner=not args.no_refiner, opset=args.opset, torch_weights=not args.no_torch_weights, vae=args.vae,
     )
     print(export_summary(result, args.out))
     return 0

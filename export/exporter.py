@@ -235,17 +235,18 @@ def export_model(
     validate: bool = True,
     torch_weights: bool = True,
     progress: Progress | None = None,
+    vae: str | None = None,
 ) -> dict[str, Any]:
     """Export every component of ``model`` into ``out_dir``; return the manifest.
 
     ``model`` is an :class:`SDXLModel` or a source string (preset name, diffusers
-    folder, hub id) resolved with ``refiner``/``with_refiner`` by
+    folder, single-file checkpoint, hub id) resolved with ``refiner``/``with_refiner``/``vae`` by
     :func:`~sdxl_export.models.loader.resolve_source`. The returned dict is the manifest
     plus ``up_to_date`` (nothing was done), ``exported`` and ``kept`` (component names).
     """
     check_opset(opset)
     source = ModelSource.from_model(model) if isinstance(model, SDXLModel) else resolve_source(
-        model, refiner=refiner, with_refiner=with_refiner)
+        model, refiner=refiner, with_refiner=with_refiner, vae=vae)
     out = Path(out_dir)
     previous = prepare_out_dir(out)  # refuse a foreign folder before creating or locking anything
     plan = ExportPlan(source, opset, validate, torch_weights)

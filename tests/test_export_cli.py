@@ -106,7 +106,7 @@ class _Evil:
 
 @pytest.mark.parametrize(("case", "words"), [
     ("unknown_preset", ("'tiny2'", "tiny, small, sdxl")),
-    ("missing_path", ("neither a preset, an existing folder, nor a hub id",)),
+    ("missing_path", ("neither a preset, an existing folder or file, nor a hub id",)),
     ("missing_component", ("missing text_encoder_2", "save_pretrained")),
     ("pickle_only", ("only pickle weights", "safetensors")),
     ("base_as_refiner", ("not an SDXL refiner",)),
