@@ -1,4 +1,4 @@
-"""AUTOMATIC1111 web UI API: ``POST /sdapi/v1/txt2img`` and the lists clients read.
+"""AUTOMATIC1111 web UI API: ``POST /sdapi/v1/txt2img``, ``/sdapi/v1/img2img`` and the lists clients read.
 
 The ``webuiapi`` client (and most SD front ends) send every txt2img field on each call
 (hires fix, face restore, subseeds, sampler noise settings, scripts...). The rule here:
@@ -19,6 +19,12 @@ The ``webuiapi`` client (and most SD front ends) send every txt2img field on eac
 As in the web UI, the refiner runs only when ``refiner_checkpoint`` names it (it is listed by
 ``/sdapi/v1/sd-models``), switching at ``refiner_switch_at`` (diffusers' ``denoising_end``).
 Image i uses ``seed + i``; ``info`` (a JSON string, as the web UI sends it) lists them.
+
+img2img takes the same fields plus ``init_images`` (base64 or data URLs; output i starts from
+image ``i % len``, resized to ``width x height`` as the web UI's "Just resize" does) and
+``denoising_strength`` (diffusers' ``strength``, default 0.75 as in the web UI). The
+inpainting fields are accepted while there is no ``mask`` (they act on the mask only); a
+``mask`` is refused (400): there is no inpainting.
 """
 
 from __future__ import annotations
@@ -30,7 +36,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import __version__
-from .common import ParamError, ParsedRequest, body_dict, get_bool, get_float, get_int, get_str, seeds_for
+from .common import (
+    ParamError,
+    ParsedRequest,
+    body_dict,
+    decode_image,
+    get_bool,
+    get_float,
+    get_int,
+    get_str,
+    seeds_for,
+)
 
 
 @dataclass(frozen=True)
@@ -69,6 +85,13 @@ DEFAULTS: dict[str, tuple[Any, ...]] = {
     "script_name": (None, ""), "script_args": (None, []), "alwayson_scripts": (None, {}),
     "infotext": (None, ""),
 }
+IMG2IMG_RUN = RUN | {"init_images", "denoising_strength", "mask"}
+#: Inpainting settings: they act on the mask only, and a mask is refused.
+IMG2IMG_IGNORED = IGNORED | {"mask_blur", "mask_blur_x", "mask_blur_y", "inpainting_fill", "inpaint_full_res",
+                             "inpaint_full_res_padding", "inpainting_mask_invert", "mask_round",
+                             "image_cfg_scale"}
+IMG2IMG_DEFAULTS = {**DEFAULTS, "resize_mode": (None, 0), "initial_noise_multiplier": (None, 1, 1.0),
+                    "include_init_images": (None, False), "latent_mask": (None, "")}
 
 
 def _empty(value: Any) -> bool:
@@ -128,17 +151,18 @@ def _check_overrides(value: Any, models: Models) -> None:
                              f"remove it (this server runs {models.title(models.base)}, CLIP skip 1)")
 
 
-def _check_fields(body: Mapping[str, Any], models: Models) -> None:
+def _check_fields(body: Mapping[str, Any], models: Models, img2img: bool = False) -> None:
+    run, ignored, defaults = (IMG2IMG_RUN, IMG2IMG_IGNORED, IMG2IMG_DEFAULTS) if img2img else (RUN, IGNORED, DEFAULTS)
     for key, value in body.items():
-        if key in RUN or key in IGNORED:
+        if key in run or key in ignored:
             continue
         if key == "override_settings":
             _check_overrides(value, models)
             continue
-        if key in DEFAULTS:
-            if value not in DEFAULTS[key]:
+        if key in defaults:
+            if value not in defaults[key]:
                 raise ParamError(key, f"'{key}' = {value!r} is not supported by this server",
-                                 f"leave '{key}' at the web UI default ({DEFAULTS[key][1]!r})",
+                                 f"leave '{key}' at the web UI default ({defaults[key][1]!r})",
                                  code="unsupported_value")
             continue
         if not _empty(value):
@@ -146,9 +170,30 @@ def _check_fields(body: Mapping[str, Any], models: Models) -> None:
                              f"remove '{key}'", code="unknown_parameter")
 
 
-def parse_txt2img(body: Any, *, models: Models, max_images: int) -> tuple[ParsedRequest, dict[str, Any]]:
+def parse_img2img(body: Any, *, models: Models, max_images: int) -> tuple[ParsedRequest, dict[str, Any]]:
+    """``/sdapi/v1/img2img``: txt2img's fields plus the input images and the strength."""
     body = body_dict(body)
-    _check_fields(body, models)
+    if not _empty(body.get("mask")):
+        raise ParamError("mask", "a 'mask' was sent, but inpainting is not supported by this server",
+                         "remove 'mask': img2img repaints the whole image", code="unsupported_value")
+    raw = body.get("init_images")
+    if not isinstance(raw, list) or not raw:
+        raise ParamError("init_images", "'init_images' must be a non-empty list of base64 images",
+                         "send the input image as init_images: [base64 PNG]", code="missing_required")
+    strength = get_float(body, "denoising_strength", 0.75, lo=0.0, hi=1.0, lo_open=True)
+    parsed, meta = parse_txt2img(body, models=models, max_images=max_images, img2img=True)
+    inputs = [decode_image(v, f"init_images[{i}]") for i, v in enumerate(raw)]
+    parsed.images = [inputs[i % len(inputs)] for i in range(len(parsed.prompts))]
+    parsed.kwargs["strength"] = strength
+    parsed.echo.update(init_images=None, mask=None)  # the web UI leaves them out of "parameters" too
+    meta["denoising_strength"] = strength
+    return parsed, meta
+
+
+def parse_txt2img(body: Any, *, models: Models, max_images: int,
+                  img2img: bool = False) -> tuple[ParsedRequest, dict[str, Any]]:
+    body = body_dict(body)
+    _check_fields(body, models, img2img)
     prompt = get_str(body, "prompt", "") or ""
     negative = get_str(body, "negative_prompt", "") or ""
     batch_size = get_int(body, "batch_size", 1, lo=1)
@@ -194,6 +239,8 @@ def infotext(prompt: str, negative: str, seed: int, kw: Mapping[str, Any], meta:
     parts = [f"Steps: {kw['num_inference_steps']}", f"Sampler: {meta['sampler']}",
              f"Schedule type: {meta['schedule']}", f"CFG scale: {kw['guidance_scale']:g}", f"Seed: {seed}",
              f"Size: {kw['width']}x{kw['height']}", f"Model hash: {models.sha256[:10]}", f"Model: {models.base}"]
+    if meta.get("denoising_strength") is not None:
+        parts.append(f"Denoising strength: {meta['denoising_strength']:g}")
     if meta.get("refiner"):
         parts += [f"Refiner: {models.title(meta['refiner'])}", f"Refiner switch at: {meta['switch']:g}"]
     parts.append(f"Version: sdxl-export {__version__}")
@@ -213,7 +260,8 @@ def txt2img_response(images_b64: list[str], parsed: ParsedRequest, meta: Mapping
         "scheduler": meta["schedule"], "cfg_scale": kw["guidance_scale"], "steps": kw["num_inference_steps"],
         "batch_size": meta["batch_size"], "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": models.base, "sd_model_hash": models.sha256[:10], "sd_vae_name": None,
-        "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": None,
+        "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": meta.get("denoising_strength"),
         "extra_generation_params": ({"Refiner": models.title(meta["refiner"]), "Refiner switch at": meta["switch"]}
                                     if meta.get("refiner") else {}),
         "index_of_first_image": 0, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),

@@ -46,7 +46,7 @@ access_log = logging.getLogger("sdxl_export.serve.access")
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 ROUTES = ("/healthz", "/readyz", "/metrics", "/v1/models", "/v1/images/generations", "/v1/generate", "/v1/info",
-          "/sdapi/v1/txt2img", "/sdapi/v1/samplers", "/sdapi/v1/schedulers", "/sdapi/v1/sd-models",
+          "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/samplers", "/sdapi/v1/schedulers", "/sdapi/v1/sd-models",
           "/sdapi/v1/options", "/sdapi/v1/scripts", "/sdapi/v1/progress")
 
 
@@ -244,7 +244,7 @@ def build_app(get_service: Callable[[], ImageService | None], config: ServeConfi
         svc.check_ready()
         parsed = parse(await _json(request), svc)
         jobs = svc.make_jobs(parsed.prompts, parsed.negatives, parsed.seeds, request_id=rid(request),
-                             **parsed.kwargs)
+                             images=parsed.images, **parsed.kwargs)
         p = jobs[0].params
         access = request.scope["state"]["access"]
         access.update(size=f"{p.width}x{p.height}", steps=p.steps, images=len(jobs))
@@ -340,14 +340,11 @@ def build_app(get_service: Callable[[], ImageService | None], config: ServeConfi
                             for r in results]}
 
     # ---- AUTOMATIC1111 -------------------------------------------------------------------------------------
-    @app.post("/sdapi/v1/txt2img")
-    @guarded
-    async def txt2img(request: Request) -> Any:
+    async def a1111_generate(request: Request, parse_body: Callable[..., Any]) -> Any:
         meta: dict[str, Any] = {}
 
         def parse(body: Any, svc: ImageService) -> ParsedRequest:
-            parsed, m = a1111_api.parse_txt2img(body, models=models_of(svc),
-                                                max_images=config.max_images_per_request)
+            parsed, m = parse_body(body, models=models_of(svc), max_images=config.max_images_per_request)
             meta.update(m)
             return parsed
 
@@ -356,6 +353,16 @@ def build_app(get_service: Callable[[], ImageService | None], config: ServeConfi
         send = parsed.echo.get("send_images", True) is not False
         return a1111_api.txt2img_response(await encode(results) if send else [], parsed, meta,
                                           models_of(service()), send)
+
+    @app.post("/sdapi/v1/txt2img")
+    @guarded
+    async def txt2img(request: Request) -> Any:
+        return await a1111_generate(request, a1111_api.parse_txt2img)
+
+    @app.post("/sdapi/v1/img2img")
+    @guarded
+    async def img2img(request: Request) -> Any:
+        return await a1111_generate(request, a1111_api.parse_img2img)
 
     @app.get("/sdapi/v1/samplers")
     @guarded

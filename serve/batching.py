@@ -51,6 +51,11 @@ class SamplingParams:
     original_size: tuple[int, int] | None = None
     crops_coords_top_left: tuple[int, int] = (0, 0)
     target_size: tuple[int, int] | None = None
+    #: img2img (each job brings its image; images of one call share the size above, and a
+    #: text-to-image job never shares a call with an image job).
+    img2img: bool = False
+    strength: float | None = None
+    refiner_only: bool = False
 
     @property
     def guidance(self) -> bool:
@@ -74,6 +79,7 @@ class ImageJob:
     enqueued: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
     started: float | None = None
+    image: Any = None  # img2img: this job's input image (PIL)
 
 
 @dataclass
@@ -108,6 +114,15 @@ def plan_chunks(n: int, served: Sequence[int], max_batch: int) -> list[int]:
     return chunks
 
 
+def _img2img_kwargs(jobs: Sequence[ImageJob]) -> dict[str, Any]:
+    """One input image per job (with one generator per job, diffusers encodes image i with
+    generator i: an image is the same alone or batched)."""
+    p = jobs[0].params
+    if not p.img2img:
+        return {}
+    return {"image": [j.image for j in jobs], "strength": p.strength, "refiner_only": p.refiner_only}
+
+
 def _run_chunk(pipe: Any, jobs: Sequence[ImageJob]) -> list[JobResult]:
     p = jobs[0].params
     negatives = None if p.zero_negative else [j.negative_prompt or "" for j in jobs]
@@ -118,7 +133,7 @@ def _run_chunk(pipe: Any, jobs: Sequence[ImageJob]) -> list[JobResult]:
         generator=[torch.Generator("cpu").manual_seed(j.seed) for j in jobs], scheduler=p.scheduler,
         aesthetic_score=p.aesthetic_score, negative_aesthetic_score=p.negative_aesthetic_score,
         original_size=p.original_size, crops_coords_top_left=p.crops_coords_top_left, target_size=p.target_size,
-        output_type="pil",
+        output_type="pil", **_img2img_kwargs(jobs),
     )
     run = time.perf_counter() - t0
     timings = out.timings.to_dict()
@@ -148,7 +163,8 @@ def run_jobs(pipe: Any, jobs: Sequence[ImageJob], max_batch: int) -> list[JobRes
     position = {id(j): i for i, j in enumerate(jobs)}
     for params, group in groups.items():
         served = pipe.served_batch_sizes(params.height, params.width, guidance=params.guidance,
-                                         refiner=params.refiner, limit=max(1, max_batch))
+                                         refiner=params.refiner, limit=max(1, max_batch),
+                                         img2img=params.img2img, refiner_only=params.refiner_only)
         start = 0
         for size in plan_chunks(len(group), served, max_batch):
             chunk = group[start:start + size]

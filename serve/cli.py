@@ -46,6 +46,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--warmup", default="native", metavar="SIZES",
                    help="WxH sizes to run once before ready, comma separated; 'native' (default) or '' for none")
     p.add_argument("--max-images", type=int, default=8, metavar="N", help="images per request cap (default 8)")
+    p.add_argument("--max-body-mb", type=float, default=32.0, metavar="MB",
+                   help="request body cap in MiB (default 32: img2img uploads base64 images)")
     p.add_argument("--grace", type=float, default=60.0, metavar="S",
                    help="seconds SIGTERM waits for accepted requests (default 60)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
@@ -74,6 +76,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
         timeout_s=args.timeout, api_key=key, basic_auth=parse_basic_auth(args.api_auth) if args.api_auth else None,
         warmup=parse_sizes(args.warmup), max_images_per_request=min(args.max_images, args.max_queue),
+        max_body_bytes=int(args.max_body_mb * (1 << 20)),
         grace_s=args.grace, cors_origins=tuple(args.cors_origin), model_name=args.model_name,
         load_refiner=not args.no_refiner,
     )

@@ -41,6 +41,8 @@ class ParsedRequest:
     kwargs: dict[str, Any]
     #: Echo of the request for the response (A1111 ``parameters``, logs).
     echo: dict[str, Any] = field(default_factory=dict)
+    #: img2img: the input image of each output image (PIL), else None.
+    images: list[Any] | None = None
 
 
 def body_dict(body: Any) -> dict[str, Any]:
@@ -109,6 +111,26 @@ def seeds_for(seed: int | None, n: int, key: str = "seed") -> list[int]:
         raise ParamError(key, f"'{key}' must be in 0..2**64-{n} (or -1 for random), got {seed}",
                          "pass a non-negative seed, or -1 for a random one")
     return [seed + i for i in range(n)]
+
+
+def decode_image(value: Any, key: str) -> Any:
+    """An uploaded image (base64, or a ``data:image/...;base64,`` URL as webuiapi sends it) as an
+    RGB PIL image; anything else is a :class:`ParamError` naming ``key``."""
+    from ..errors import InvalidImageError
+    from ..runtime.img2img import read_image
+
+    if not isinstance(value, str) or not value:
+        raise ParamError(key, f"'{key}' must be a base64 image (or a data URL), got {type(value).__name__}",
+                         f"send '{key}' as base64 PNG/JPEG/WebP")
+    data = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except ValueError:
+        raise ParamError(key, f"'{key}' is not valid base64", f"send '{key}' as base64 PNG/JPEG/WebP") from None
+    try:
+        return read_image(raw, what=key)
+    except InvalidImageError as exc:
+        raise ParamError(key, exc.message, exc.hint) from None
 
 
 def png_b64(image: Any) -> str:

@@ -72,7 +72,8 @@ class ServeConfig:
     #: Sizes (height, width) run once before the replica reports ready; (0, 0) = native.
     warmup: tuple[tuple[int, int], ...] = ((0, 0),)
     warmup_steps: int = 2
-    max_body_bytes: int = 1 << 20
+    #: Request body cap: img2img uploads a base64 image (a 1024x1024 PNG is 1-4 MiB in base64).
+    max_body_bytes: int = 32 << 20
     max_prompt_chars: int = 4000
     #: Images per request (OpenAI ``n``, A1111 ``batch_size * n_iter``).
     max_images_per_request: int = 8
@@ -93,7 +94,7 @@ class ServeConfig:
             (1 <= self.max_images_per_request <= self.max_queue,
              ("the images-per-request cap must be between 1 and --max-queue (a larger request could never "
               "be admitted)")),
-            (self.max_body_bytes >= 1024, "the body size cap must be >= 1 KiB"),
+            (self.max_body_bytes >= 1024, "--max-body-mb must be >= 1 KiB (0.001)"),
             (0 < self.port < 65536, "--port must be 1..65535"),
             (self.grace_s >= 0, "the grace period must be >= 0"),
             (self.api_key is None or len(self.api_key) >= 8, "--api-key must be at least 8 characters"),

@@ -4,7 +4,9 @@ Body: ``prompt`` (text or a list), ``negative_prompt`` (text, a list, or absent 
 negative conditioning), ``num_images_per_prompt``, ``height``, ``width``,
 ``num_inference_steps``, ``guidance_scale``, ``denoising_end``, ``refiner``, ``seed``,
 ``scheduler``, ``original_size``, ``crops_coords_top_left``, ``target_size``,
-``aesthetic_score``, ``negative_aesthetic_score``. Images come in diffusers' order (each
+``aesthetic_score``, ``negative_aesthetic_score``; img2img: ``image`` (base64 or a data URL;
+every output starts from it, at its size unless ``height``/``width`` resize it), ``strength``
+(default 0.3, diffusers'), ``refiner_only``; a ``mask`` is refused. Images come in diffusers' order (each
 prompt's images together); image i uses ``seed + i``. The answer carries the images (base64
 PNG), every seed, and the queue wait, batch size and per-stage timings of each image's call.
 """
@@ -17,6 +19,7 @@ from .common import (
     ParamError,
     ParsedRequest,
     body_dict,
+    decode_image,
     get_bool,
     get_float,
     get_int,
@@ -27,7 +30,8 @@ from .common import (
 
 KNOWN = {"prompt", "negative_prompt", "num_images_per_prompt", "height", "width", "num_inference_steps",
          "guidance_scale", "denoising_end", "refiner", "seed", "scheduler", "original_size",
-         "crops_coords_top_left", "target_size", "aesthetic_score", "negative_aesthetic_score"}
+         "crops_coords_top_left", "target_size", "aesthetic_score", "negative_aesthetic_score", "image",
+         "strength", "refiner_only", "mask", "mask_image"}
 
 
 def _texts(body: dict[str, Any], key: str) -> list[str] | None:
@@ -69,7 +73,19 @@ def parse(body: Any, *, has_refiner: bool, max_images: int) -> ParsedRequest:
     if n > max_images:
         raise ParamError("num_images_per_prompt", f"{n} images requested, at most {max_images} per request",
                          "ask for fewer images")
+    for key in ("mask", "mask_image"):
+        if body.get(key) is not None:
+            raise ParamError(key, f"a '{key}' was sent, but inpainting is not supported",
+                             f"remove '{key}': img2img ('image' with 'strength') repaints the whole image",
+                             code="unsupported_value")
     kwargs: dict[str, Any] = {"refiner": get_bool(body, "refiner", has_refiner)}
+    image = decode_image(body["image"], "image") if body.get("image") is not None else None
+    strength = get_float(body, "strength", None, lo=0.0, hi=1.0, lo_open=True)
+    if strength is not None:
+        kwargs["strength"] = strength
+    if get_bool(body, "refiner_only", False):
+        kwargs["refiner_only"] = True
+        kwargs["refiner"] = True
     for key in ("height", "width", "num_inference_steps"):
         value = get_int(body, key, None, lo=1)
         if value is not None:
@@ -92,4 +108,5 @@ def parse(body: Any, *, has_refiner: bool, max_images: int) -> ParsedRequest:
     negs = None if negatives is None else [q for q in negatives for _ in range(per)]
     seed = get_int(body, "seed", None, lo=-1)
     return ParsedRequest(prompts=expanded, negatives=negs, seeds=seeds_for(seed, n), kwargs=kwargs,
-                         echo={k: body[k] for k in body if k not in ("prompt", "negative_prompt")})
+                         echo={k: body[k] for k in body if k not in ("prompt", "negative_prompt", "image")},
+                         images=None if image is None else [image] * n)

@@ -188,11 +188,12 @@ class ImageService:
             raise ServiceUnavailableError("the pipeline is still loading", "retry when GET /readyz answers 200")
 
     def make_jobs(self, prompts: Sequence[str], negatives: Sequence[str] | None, seeds: Sequence[int], *,
-                  request_id: str, **kwargs: Any) -> list[ImageJob]:
+                  request_id: str, images: Sequence[Any] | None = None, **kwargs: Any) -> list[ImageJob]:
         """Check one request (all of it, before anything is queued) and cut it into jobs.
 
         ``kwargs`` are pipeline arguments (height, width, num_inference_steps, guidance_scale,
-        scheduler, refiner, denoising_end, aesthetic scores). Raises the runtime's named errors.
+        scheduler, refiner, denoising_end, aesthetic scores, strength, refiner_only); ``images``
+        the input image of each output (img2img). Raises the runtime's named errors.
         """
         self.check_ready()
         cfg = self.config
@@ -212,9 +213,21 @@ class ImageService:
         sizes = self.served_sizes()
         native = self.pipe.native_size
         h, w = kwargs.get("height") or native, kwargs.get("width") or native
+        if images and not (kwargs.get("height") or kwargs.get("width")):  # img2img keeps the image's size
+            s = self.pipe.vae_scale
+            h, w = images[0].height // s * s, images[0].width // s * s
         if sizes is not None and isinstance(h, int) and isinstance(w, int) and (h, w) not in sizes:
             raise UnsupportedShapeError(f"size {w}x{h} (width x height) is not served by this server's engines",
                                         f"use one of: {self.size_list()}")
+        if images is not None and len(images) != len(prompts):
+            raise InvalidRequestError(f"{len(images)} input images for {len(prompts)} outputs",
+                                      "send one input image per output image")
+        if images:
+            sizes_in = {(im.height, im.width) for im in images}
+            if len(sizes_in) > 1 and not (kwargs.get("height") or kwargs.get("width")):
+                raise InvalidRequestError("the input images differ in size and no output size was given",
+                                          "send images of one size, or height and width to resize them to")
+            kwargs["image"] = images[0]
         norm = self.pipe.check_call(prompts[0], None if negatives is None else negatives[0], **kwargs)
         params = SamplingParams(
             height=norm["height"], width=norm["width"], steps=norm["steps"],
@@ -225,9 +238,12 @@ class ImageService:
             original_size=_pair_or_none(kwargs.get("original_size")),
             crops_coords_top_left=_pair_or_none(kwargs.get("crops_coords_top_left")) or (0, 0),
             target_size=_pair_or_none(kwargs.get("target_size")),
+            img2img=bool(norm.get("img2img")), strength=norm.get("strength"),
+            refiner_only=bool(norm.get("refiner_only")),
         )
         return [ImageJob(prompt=p, negative_prompt=None if negatives is None else negatives[i], seed=int(seeds[i]),
-                         params=params, request_id=request_id, index=i) for i, p in enumerate(prompts)]
+                         params=params, request_id=request_id, index=i, image=images[i] if images else None)
+                for i, p in enumerate(prompts)]
 
     def _admit(self, jobs: Sequence[ImageJob]) -> None:
         with self._lock:

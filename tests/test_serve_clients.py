@@ -200,7 +200,7 @@ def test_bad_bodies(server):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     conn.putrequest("POST", "/v1/images/generations")
     conn.putheader("Content-Type", "application/json")
-    conn.putheader("Content-Length", str(2 << 20))
+    conn.putheader("Content-Length", str(33 << 20))  # over the default 32 MiB cap
     conn.endheaders()
     resp = conn.getresponse()
     assert resp.status == 413 and "bytes" in json.loads(resp.read())["error"]["message"]
@@ -230,3 +230,70 @@ def test_health_ready_metrics(server):
     assert "sdxl_queue_depth" in text and metric_value(text, "sdxl_ready") == 1
     log = server.log()
     assert "route=POST /v1/images/generations status=200" in log and "queue_ms=" in log
+
+
+# ---- img2img ---------------------------------------------------------------------------------------------
+def _busy_image(height: int, width: int, seed: int = 0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_webuiapi_img2img_equals_the_runtime_and_a_1024_png_fits_the_body_cap(server, pipe):
+    """A 1024x1024 noise PNG is ~4 MiB in base64 (over the old 1 MiB cap); the web UI's "Just
+    resize" to width x height is diffusers' resize; each image of the batch has its own seed."""
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+    init = _busy_image(1024, 1024)
+    res = api.img2img(images=[init], prompt="a painting", seed=31, steps=STEPS, cfg_scale=7.0, width=256,
+                      height=256, denoising_strength=0.6, sampler_name="Euler", batch_size=2)
+    assert len(res.images) == 2 and res.info["all_seeds"] == [31, 32]
+    assert res.info["denoising_strength"] == 0.6 and "Denoising strength: 0.6" in res.info["infotexts"][0]
+    assert res.parameters["init_images"] is None  # as the web UI: not echoed back
+    for i in (0, 1):
+        ref = pipe("a painting", "", image=init, height=256, width=256, strength=0.6, num_inference_steps=STEPS,
+                   guidance_scale=7.0, scheduler="euler", refiner=False, seed=31 + i).images[0]
+        assert_same(pil_array(res.images[i]), pil_array(ref))
+
+
+def test_webuiapi_img2img_refuses_a_mask_and_bad_images(server):
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+    img = _busy_image(256, 256)
+    with pytest.raises(RuntimeError) as info:
+        api.img2img(images=[img], mask_image=img, prompt="x", steps=STEPS, width=256, height=256)
+    assert info.value.args[0] == 400 and "inpainting is not supported" in json.loads(info.value.args[1])["detail"]
+    for body, field in [({"init_images": ["data:image/png;base64,AAAA"]}, "init_images[0]"),
+                        ({"init_images": ["not base64!"]}, "init_images[0]"),
+                        ({"init_images": []}, "init_images"),
+                        ({"init_images": [webuiapi.b64_img(img)], "denoising_strength": 0}, "denoising_strength"),
+                        ({"init_images": [webuiapi.b64_img(img)], "resize_mode": 2}, "resize_mode")]:
+        status, _, raw = request(server.url + "/sdapi/v1/img2img",
+                                 {"prompt": "x", "steps": 2, "width": 256, "height": 256, **body})
+        assert status == 400, raw
+        assert field in json.loads(raw)["detail"], raw
+
+
+def test_native_generate_with_an_image(server, pipe):
+    import base64
+    import io
+
+    img = _busy_image(192, 320, seed=2)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    body = {"prompt": "a harbour", "image": b64, "strength": 0.5, "refiner_only": True, "seed": 12,
+            "num_inference_steps": STEPS}
+    status, _, raw = request(server.url + "/v1/generate", body)
+    assert status == 200, raw
+    out = json.loads(raw)
+    ref = pipe("a harbour", image=img, strength=0.5, refiner_only=True, num_inference_steps=STEPS,
+               seed=12).images[0]
+    assert_same(png_array(out["images"][0]), pil_array(ref))
+    # The image's own size is served or refused, naming the sizes that are.
+    status, _, raw = request(server.url + "/v1/generate", {"prompt": "x", "image": webuiapi.raw_b64_img(
+        _busy_image(320, 320)), "strength": 0.5, "num_inference_steps": 2})
+    assert status == 400 and "256x256" in json.loads(raw)["error"]["message"], raw
+    status, _, raw = request(server.url + "/v1/generate", {"prompt": "x", "strength": 0.5})
+    assert status == 400 and "no image was given" in json.loads(raw)["error"]["message"], raw
+    status, _, raw = request(server.url + "/v1/generate", {"prompt": "x", "image": b64, "mask": b64})
+    assert status == 400 and json.loads(raw)["error"]["param"] == "mask", raw
