@@ -138,3 +138,24 @@ def test_ray_app_builder_takes_serve_config_fields():
     assert deployment._deployment_config.autoscaling_config.max_replicas == 3
     with pytest.raises(ServeConfigError):
         app({"max_queue": "0"})
+
+
+def test_img2img_jobs_batch_only_with_img2img_jobs_and_equal_single_calls(pipe):
+    """Different input images (one per job, each with its own generator) share a call; a
+    text-to-image job at the same size does not join it."""
+    import dataclasses
+
+    from PIL import Image
+
+    i2i = dataclasses.replace(P256, img2img=True, strength=0.7)
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)) for _ in range(3)]
+    jobs = [ImageJob("a", None, 1, i2i, image=imgs[0]), ImageJob("b", None, 2, P256),
+            ImageJob("c", None, 3, i2i, image=imgs[1]), ImageJob("d", None, 4, i2i, image=imgs[2])]
+    results = run_jobs(pipe, jobs, max_batch=4)
+    assert [r.batch_size for r in results] == [3, 1, 3, 3]  # one img2img call of 3, the text job alone
+    for job, res in zip(jobs, results):
+        kw = {"image": job.image, "strength": 0.7} if job.image is not None else {}
+        want = pipe(job.prompt, None, height=256, width=256, num_inference_steps=3, refiner=False, seed=job.seed,
+                    **kw).images[0]
+        assert int(np.abs(np.asarray(res.image, dtype=np.int16) - np.asarray(want, dtype=np.int16)).max()) <= 1
