@@ -378,6 +378,9 @@ def _export(plan: ExportPlan, out: Path, previous: dict[str, Any] | None, progre
 
     manifest["components"] = {n: manifest["components"][n] for n in plan.specs}
     manifest["assets"] = {a: manifest["assets"][a] for a in plan.asset_parts}
+    peaks = [r.get("peak_rss_bytes") or 0 for n, r in manifest["components"].items() if n in todo or n in unvalidated]
+    if peaks:  # parts load inside component windows (an asset-only rerun may load one outside)
+        manifest["peak_rss_bytes"] = max(peaks)
     manifest["complete"] = True
     atomic_write_json(out / EXPORT_MANIFEST, manifest)
     if (out / ENGINE_DIR).is_dir() and todo:

@@ -22,6 +22,11 @@ import sys
 import threading
 from pathlib import Path
 
+if sys.version_info >= (3, 11):
+    from typing import Self
+else:  # pragma: no cover
+    from typing_extensions import Self
+
 log = logging.getLogger(__name__)
 
 _STATUS = Path("/proc/self/status")
@@ -58,7 +63,7 @@ class PeakRSS:
         self._thread: threading.Thread | None = None
         self._kernel = False
 
-    def __enter__(self) -> PeakRSS:
+    def __enter__(self) -> Self:
         try:
             _CLEAR_REFS.write_text("5")
             self._kernel = _vm_hwm() is not None
