@@ -342,9 +342,9 @@ class SDXLPipeline:
                       prompts: int | None = None, encode: int | None = None, base: bool = True) -> None:
         unet_batch = batch * (2 if guidance else 1)
         text = batch if prompts is None else prompts
-        calls = {"text_encoder_2": text, "vae_decoder": batch}
-        if base:
-            calls.update(text_encoder=text, unet=unet_batch)
+        calls = {"text_encoder": text, "text_encoder_2": text, "unet": unet_batch, "vae_decoder": batch}
+        if not base:  # the refiner alone: no first text encoder, no base UNet
+            del calls["text_encoder"], calls["unet"]
         if refiner and self.has_refiner:
             calls["refiner_unet"] = unet_batch
         if encode is not None:
