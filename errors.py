@@ -93,6 +93,15 @@ class InvalidImageError(InvalidRequestError):
     a mask (no inpainting)."""
 
 
+class InvalidLoraError(InvalidRequestError):
+    """A LoRA file or set cannot be applied: not safetensors, missing, made for another
+    architecture (keys or shapes that do not fit), or a non-finite / absurd scale."""
+
+
+class WeightMismatchError(InvalidRequestError):
+    """A run-time weight update names a weight the component does not have, or has the wrong shape."""
+
+
 class InputMismatchError(SDXLExportError, ValueError):
     """A component was called with inputs whose names, dtypes or shapes break its spec."""
 

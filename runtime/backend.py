@@ -25,7 +25,7 @@ else:  # pragma: no cover
 
 import torch
 
-from ..errors import SDXLExportError
+from ..errors import BackendUnavailableError, SDXLExportError
 from ..specs import ComponentSpec
 
 
@@ -38,6 +38,11 @@ class ComponentRunner(abc.ABC):
 
     #: Short backend name ("onnxruntime", "torch", "tensorrt").
     backend: str = "?"
+
+    #: What the keys of :meth:`set_weights` name: ``"onnx"`` -- ONNX initializer names, values in
+    #: the graph's layout (already transposed where the export's parameter map says so) -- or
+    #: ``"torch"`` -- the PyTorch module's parameter names (``model.named_parameters()``).
+    weight_keys: str = "onnx"
 
     def __init__(self, spec: ComponentSpec):
         self.spec = spec
@@ -85,6 +90,22 @@ class ComponentRunner(abc.ABC):
         Dynamic backends accept everything the spec allows; engines built for fixed
         profiles override this and list what they support.
         """
+
+    # ---- run-time weights (LoRA switching) ------------------------------------------------------
+    def set_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Replace these weights for every later call; all-or-nothing.
+
+        Keys are what :attr:`weight_keys` says; values are full weights (base + deltas), not
+        deltas, so that any sequence of switches ends exactly where the last one says. An unknown
+        name or a shape mismatch raises :class:`~sdxl_export.errors.WeightMismatchError` before
+        anything changes. The caller guarantees that no call is in flight on this runner meanwhile
+        (the pipeline's LoRA gate does).
+        """
+        raise BackendUnavailableError(
+            f"{self.spec.name} ({self.backend}): this backend cannot switch weights at run time",
+            "fuse the LoRA at build time (sdxl-export build --lora FILE:SCALE), or use the torch or "
+            "onnxruntime backend (or a TensorRT engine built with --refittable)",
+        )
 
     @property
     def description(self) -> dict[str, Any]:
