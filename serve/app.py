@@ -200,7 +200,10 @@ class GatewayMiddleware:
 
 
 async def _json(request: Request) -> Any:
-    raw = await request.body()
+    return _loads(await request.body())
+
+
+def _loads(raw: bytes) -> Any:
     try:
         return json.loads(raw or b"null")
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -242,7 +245,9 @@ def build_app(get_service: Callable[[], ImageService | None], config: ServeConfi
     async def generate(request: Request, parse: Callable[[Any, ImageService], ParsedRequest]) -> list[Any]:
         svc = service()
         svc.check_ready()
-        parsed = parse(await _json(request), svc)
+        raw = await request.body()
+        # JSON of up to --max-body-mb and image decoding: in a thread, off the event loop
+        parsed = await run_in_threadpool(lambda: parse(_loads(raw), svc))
         jobs = svc.make_jobs(parsed.prompts, parsed.negatives, parsed.seeds, request_id=rid(request),
                              images=parsed.images, **parsed.kwargs)
         p = jobs[0].params
