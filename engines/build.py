@@ -77,6 +77,8 @@ class BuildOptions:
     builder_optimization_level: int = DEFAULT_OPT_LEVEL
     hardware_compatibility: str = "none"
     version_compatible: bool = False
+    #: TensorRT ``BuilderFlag.REFIT`` (run-time LoRA switching); recorded, not needed, by the ORT twin
+    refittable: bool = False
     ort_optimization: str = ort_builder.DEFAULT_LEVEL
     opset: int = 17
     validate: bool = True
@@ -120,7 +122,7 @@ class BuildOptions:
                                      ("--opset", o.opset, d.opset)):
             if value != default:
                 args += [flag, str(value)]
-        for flag, on in (("--version-compatible", o.version_compatible),
+        for flag, on in (("--refittable", o.refittable), ("--version-compatible", o.version_compatible),
                          ("--no-validate", not o.validate)):
             if on:
                 args.append(flag)
@@ -235,17 +237,24 @@ def wanted_engines(
                 precision=requested, builder_optimization_level=opts.builder_optimization_level,
                 hardware_compatibility=opts.hardware_compatibility,
                 version_compatible=opts.version_compatible, workspace_gb=opts.workspace_gb,
+                refittable=opts.refittable,
             )
             key_builder = w.trt_settings.to_dict()
+            recorded = dict(key_builder)
+            if not key_builder["refittable"]:
+                # Absent when off, so plans built before the flag existed keep their key (no rebuild);
+                # the manifest still records refittable=false (a record-only update).
+                del key_builder["refittable"]
             w.artifact_key = sha256_json({"backend": backend, "onnx": w.onnx_sha256, "target": target,
                                           "builder": key_builder, "profiles": [p.to_dict() for p in w.profiles]})
-            w.builder = {**key_builder, "timing_cache": str(opts.timing_cache) if opts.timing_cache else None}
+            w.builder = {**recorded, "timing_cache": str(opts.timing_cache) if opts.timing_cache else None}
         else:
             w.precision = "fp32"  # see ort_builder: the CPU twin always runs fp32
             key_builder = {"ort_optimization": opts.ort_optimization, "providers": list(ort_builder.PROVIDERS)}
             w.artifact_key = sha256_json({"backend": backend, "onnx": w.onnx_sha256, "target": target,
                                           "builder": key_builder})
-            w.builder = key_builder
+            # The twin switches weights with new sessions (no refit): --refittable is recorded only.
+            w.builder = {**key_builder, "refittable": opts.refittable}
             w.session_options = ort_builder.runtime_session_options(opts.ort_optimization)
         out[name] = w
     return out

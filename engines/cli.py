@@ -56,6 +56,9 @@ def add_build_options(p: argparse.ArgumentParser) -> None:
                    choices=range(MAX_OPT_LEVEL + 1), metavar="0-5", help="TensorRT builder optimization level")
     p.add_argument("--hardware-compatibility", choices=tuple(HARDWARE_COMPAT), default="none",
                    help="TensorRT hardware compatibility level")
+    p.add_argument("--refittable", action="store_true",
+                   help="TensorRT: refittable plans (switch LoRAs at run time without a rebuild; "
+                        "the ONNX Runtime twin records it)")
     p.add_argument("--version-compatible", action="store_true", help="TensorRT: version-compatible plans (run on this or any later TensorRT)")
     p.add_argument("--ort-optimization", choices=ort_builder.LEVELS, default=ort_builder.DEFAULT_LEVEL,
                    help="ONNX Runtime twin: offline graph optimization level (default extended)")
@@ -72,6 +75,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         timing_cache=args.timing_cache, workspace_gb=args.workspace_gb,
         builder_optimization_level=args.builder_optimization_level,
         hardware_compatibility=args.hardware_compatibility, version_compatible=args.version_compatible,
+        refittable=getattr(args, "refittable", False),
         ort_optimization=args.ort_optimization, opset=getattr(args, "opset", 17),
         validate=not getattr(args, "no_validate", False),
     )

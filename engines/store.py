@@ -13,7 +13,8 @@ Public API (stable; the runtime depends on it)
       (absolute Path of the plan / optimized ONNX), precision_requested, precision
       (effective), profiles (list of PlannedProfile: ``.shapes[input] = (min, opt, max)``,
       ``.buckets``, ``.batch_sizes``), spec (ComponentSpec), session_options (dict; ORT
-      twin only), onnx_sha256, target, builder, build_seconds``.
+      twin only), onnx_sha256, target, builder (the builder settings, including
+      ``refittable``: ``--refittable``, also readable as ``.refittable``), build_seconds``.
   :func:`select_profile` ``(entry, input_shapes) -> int``
 
 Why verify before deserializing: TensorRT's ``deserialize_cuda_engine`` returns None (with
@@ -119,6 +120,11 @@ class EngineEntry:
     @property
     def batch_sizes(self) -> tuple[int, ...]:
         return tuple(sorted({n for p in self.profiles for n in p.batch_sizes}))
+
+    @property
+    def refittable(self) -> bool:
+        """Built with ``--refittable`` (recorded in ``builder``; False for manifests from before the flag)."""
+        return bool(self.builder.get("refittable", False))
 
     def to_dict(self, root: Path) -> dict[str, Any]:
         return {

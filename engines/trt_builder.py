@@ -3,17 +3,34 @@
 The chain is ``NetworkFromOnnxPath`` (ONNX parser with TensorRT's native InstanceNorm,
 required for hardware/version-compatible plans and the plugin-free path) ->
 ``CreateConfig`` (precision flags, the planned profiles, timing cache, builder
-optimization level, hardware/version compatibility, workspace limit, profiling verbosity
+optimization level, refit, hardware/version compatibility, workspace limit, profiling verbosity
 ``LAYER_NAMES_ONLY``) -> ``EngineBytesFromNetwork``; we write TensorRT's host buffer
 ourselves with :func:`~sdxl_export.artifacts.atomic_write_bytes` (no second host copy of a
 multi-GB plan) rather than ``SaveEngine`` so a killed build never leaves a truncated plan
 under the final name. The fresh plan is then deserialized once, its profile count checked,
 and every profile run against the ONNX in ONNX Runtime (:mod:`.trt_accuracy`).
 
-Not offered: refittable plans (``BuilderFlag.REFIT``) -- nothing refits them yet, and a
-refittable plan is slower and larger for no use. Version-compatible plans embed TensorRT's
-lean runtime (no ``EXCLUDE_LEAN_RUNTIME``), so a later TensorRT loads them with
-``engine_host_code_allowed`` (:func:`sdxl_export.tensorrt_env.deserialize_engine`).
+Refittable plans (``--refittable``): polygraphy's ``CreateConfig(refittable=True)`` sets
+``BuilderFlag.REFIT``, so every weight stays refittable and
+:meth:`~sdxl_export.runtime.tensorrt_runner.TensorRTRunner.set_weights` can switch LoRAs at
+run time through ``trt.Refitter`` without a rebuild. Off by default: TensorRT cannot
+constant-fold or pre-fuse weights it must be able to replace, so such a plan may be a little
+slower. The related flags are deliberately not offered:
+
+* ``REFIT_IDENTICAL`` -- TensorRT's documentation: "Different weights during refits yield
+  unpredictable behavior"; it exists to refit a stripped plan with the *same* weights it was
+  built with, which is the opposite of switching LoRAs.
+* ``STRIP_PLAN`` (weight-stripped plans, refitted with all weights at every load) -- saves
+  disk, but every ``open`` would have to read every initializer of the ONNX and refit the
+  whole engine (seconds and a full host copy per component), and the build's accuracy check
+  would need that refit first. Worth it only to ship plans without weights; not needed here.
+* ``REFIT_INDIVIDUAL`` (only weights marked refittable) -- would keep folding on weights no
+  LoRA touches, but needs ``mark_weights_refittable`` per name on the parsed network, i.e.
+  knowing every LoRA target at build time.
+
+Version-compatible plans embed TensorRT's lean runtime (no ``EXCLUDE_LEAN_RUNTIME``), so a
+later TensorRT loads them with ``engine_host_code_allowed``
+(:func:`sdxl_export.tensorrt_env.deserialize_engine`).
 
 Polygraphy's loader objects are lazy: constructing them needs neither TensorRT nor a
 GPU, so :func:`network_loader`, :func:`polygraphy_profiles` and :func:`create_config`
@@ -76,6 +93,8 @@ class TrtSettings:
     version_compatible: bool = False
     workspace_gb: float | None = None
     native_instancenorm: bool = True
+    #: ``BuilderFlag.REFIT`` (``--refittable``): weights replaceable at run time (LoRA switching)
+    refittable: bool = False
 
     def __post_init__(self) -> None:
         from ..errors import InvalidRequestError
@@ -184,6 +203,7 @@ def create_config(
         load_timing_cache=str(timing_cache) if timing_cache else None,
         builder_optimization_level=settings.builder_optimization_level,
         version_compatible=settings.version_compatible or None,
+        refittable=settings.refittable,
         # The embedded lean runtime is what lets a later TensorRT run the plan: keep it.
         **kwargs,
     )

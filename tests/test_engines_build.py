@@ -121,6 +121,17 @@ def test_flag_changes_touch_exactly_what_they_affect(copy):
     assert "builder flags changed: ort_optimization extended -> basic" in out
     store = load_engine_store(copy)
     assert all(e.builder["ort_optimization"] == "basic" for e in store.entries.values())
+    assert not any(e.refittable for e in store.entries.values())
+    # --refittable is TensorRT's: the twin switches weights by new sessions, so it is recorded only.
+    before = file_mtimes(engines)
+    rc, out, err = run_cli("build", "--fp16", "--vae-precision", "fp16", "--ort-optimization", "basic",
+                           "--refittable", "--out", str(copy))
+    assert rc == 0, err
+    assert set(_actions(out).values()) == {"updated"}
+    assert {k: v for k, v in file_mtimes(engines).items() if k != "manifest.json"} == {
+        k: v for k, v in before.items() if k != "manifest.json"}
+    assert all(e.refittable for e in load_engine_store(copy).entries.values())
+    assert "--refittable" in _manifest(copy)["build_command"]
 
 
 def test_corrupt_engine_file_is_refused_and_rebuilt_alone(copy):

@@ -89,11 +89,42 @@ def test_tensorrt_version_or_gpu_rebuilds_everything(export, target, why):
     ({"hardware_compatibility": "ampere_plus"}, "hardware_compatibility none -> ampere_plus"),
     ({"version_compatible": True}, "version_compatible False -> True"),
     ({"workspace_gb": 4.0}, "workspace_gb None -> 4.0"),
+    ({"refittable": True}, "refittable False -> True"),
 ])
 def test_builder_flags_rebuild_everything(export, flags, key):
     prev = _as_built(export, _wanted(export))
     changed = _rebuilds(prev, _wanted(export, **flags))
     assert set(changed) == set(prev) and all(key in r for r in changed.values())
+
+
+def test_refittable_is_in_the_key_and_manifests_from_before_the_flag_are_not_rebuilt(export):
+    w = _wanted(export, refittable=True)
+    assert all(x.trt_settings.refittable and x.builder["refittable"] is True for x in w.values())
+    prev = _as_built(export, _wanted(export))
+    assert all(p["builder"]["refittable"] is False for p in prev.values())  # recorded when off too
+    for p in prev.values():  # a manifest written before --refittable existed
+        del p["builder"]["refittable"]
+    off = _wanted(export)
+    assert _rebuilds(prev, off) == {}  # same artifact key: no multi-minute rebuild
+    assert {decide(prev[n], x, True)[0] for n, x in off.items()} == {"update"}  # the record gains the flag
+    assert set(_rebuilds(prev, _wanted(export, refittable=True))) == set(prev)
+    cli = BuildOptions(out=export[0], refittable=True).to_cli()
+    assert "--refittable" in cli and "--refittable" not in BuildOptions(out=export[0]).to_cli()
+
+
+def test_refittable_is_recorded_only_for_the_onnxruntime_twin(export):
+    """The twin switches weights by new sessions, so the flag never changes its bytes."""
+    root, manifest = export
+
+    def twin(**flags):
+        o = BuildOptions(out=root, **flags)
+        return wanted_engines(o, manifest, make_plan(o, manifest), "onnxruntime", {"onnxruntime": "1.32.0"})
+
+    prev = _as_built(export, twin())
+    on = twin(refittable=True)
+    assert all(x.builder["refittable"] is True for x in on.values())
+    assert _rebuilds(prev, on) == {}
+    assert {decide(prev[n], x, True)[0] for n, x in on.items()} == {"update"}
 
 
 def test_timing_cache_path_is_recorded_not_rebuilt(export, tmp_path):

@@ -7,6 +7,7 @@ options) is checked here as plain Python. Real builds are marked ``trt``/``gpu``
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,8 @@ def test_create_config_sets_precision_profiles_and_options(unet_plan, tmp_path, 
     assert tuple(cfg.profiles[0]["sample"].max) == unet_plan.profiles[0].shapes["sample"][2]
     assert cfg.timing_cache_path == str(cache)
     assert cfg.builder_optimization_level == 5
-    assert cfg.refittable is False  # nothing refits plans: never built refittable
+    assert cfg.refittable is False  # refittable only when asked (--refittable)
+    assert create_config(replace(settings, refittable=True), unet_plan.profiles).refittable is True
     # Version-compatible plans keep the lean runtime inside: a later TensorRT runs them with it.
     assert cfg.version_compatible is True and not cfg.exclude_lean_runtime
 
