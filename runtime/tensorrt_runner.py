@@ -19,6 +19,11 @@ execution model (README "Execution model"; :mod:`.lanes`, :mod:`.trt_exec`):
   value is checked;
 * CUDA graphs (default on): captured per context on first use, replayed after; a shape
   that cannot be captured runs eagerly (logged once).
+* run-time weights (:meth:`TensorRTRunner.set_weights`, LoRA switching): only for plans
+  built ``--refittable``; keys are ONNX initializer names (``weight_keys = "onnx"``). The
+  refit itself is :func:`.trt_refit.refit_engine` (its docstring lists the TensorRT facts it
+  relies on); around it the runner holds calls back, synchronises the device, and drops
+  every captured CUDA graph afterwards (contexts stay valid).
 
 Type-checked with mypy against tensorrt-stubs (``tests/test_engines_typecheck.py``);
 its GPU tests are marked ``trt``/``gpu``.
@@ -27,7 +32,10 @@ its GPU tests are marked ``trt``/``gpu``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,6 +47,7 @@ from .backends import ComponentContext
 from .cuda_graphs import DEFAULT_MAX_GRAPHS
 from .lanes import pool_for
 from .trt_exec import TrtExecutor
+from .trt_refit import RefitFailedError, refit_engine
 
 if TYPE_CHECKING:  # pragma: no cover
     import tensorrt as trt
@@ -68,10 +77,14 @@ class TensorRTRunner(ComponentRunner):
     Thread sharing: one runner may be called from any number of threads at once; the
     engine is shared, everything a call mutates is per lane (see :mod:`.trt_exec`).
     ``open``/``close`` are serialised by the base class's lock; ``close`` waits for calls
-    in flight.
+    in flight. ``set_weights`` is serialised by ``_weights_lock`` and runs inside the
+    executor's :meth:`~.trt_exec.TrtExecutor.exclusive` block (calls wait meanwhile);
+    ``_weights_unknown`` (set after a failed refit) and ``last_switch`` are written there.
     """
 
     backend = NAME
+    #: set_weights keys: ONNX initializer names (the ONNX parser names TensorRT's weights after them)
+    weight_keys = "onnx"
 
     def __init__(self, ctx: ComponentContext):
         super().__init__(ctx.spec)
@@ -99,6 +112,11 @@ class TensorRTRunner(ComponentRunner):
         self._engine: trt.ICudaEngine | None = None
         self._executor: TrtExecutor | None = None
         self._dtypes: dict[str, torch.dtype] = {}
+        self._weights_lock = threading.Lock()
+        self._weights_unknown = False  # a refit failed half-way: refuse calls until one succeeds
+        self._weight_shapes: dict[str, tuple[int, ...]] | None = None
+        #: The last weight switch: {"switch_ms", "rebuild_s" (what it saves), "weights", ...}
+        self.last_switch: dict[str, Any] | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def _open_impl(self) -> None:
@@ -138,6 +156,81 @@ class TensorRTRunner(ComponentRunner):
         if executor is not None:
             executor.close()
         self._engine = self._runtime = None
+        self._weights_unknown = False  # the next open deserializes the plan's own weights
+
+    # ---- run-time weights -----------------------------------------------------------------------
+    def set_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Refit ``weights`` (ONNX initializer name -> full value) into the engine; all-or-nothing.
+
+        Refused (:class:`BackendUnavailableError`) unless the plan was built ``--refittable``.
+        Every name, count, shape and dtype is checked before TensorRT is touched
+        (:class:`WeightMismatchError`); then calls are held back, the device synchronised,
+        the engine refitted, and every captured CUDA graph dropped. The switch time is
+        recorded in :attr:`last_switch` next to the build time it saves.
+        """
+        executor, engine = self._executor, self._engine
+        if not self._open or executor is None or engine is None:
+            raise RunnerClosedError(f"{self.spec.name} (tensorrt) is not open", "call open() first")
+        what = f"{self.spec.name} (tensorrt)"
+        if not engine.refittable:
+            raise BackendUnavailableError(
+                f"{what}: {self.entry.path.name} was not built refittable, so its weights cannot be switched",
+                f"rebuild with `sdxl-export build --refittable --out {self.ctx.artifacts}` (plus your other "
+                "build flags), or use the onnxruntime/torch backend")
+        load_tensorrt()
+        import tensorrt as trt
+
+        with self._weights_lock:
+            t0 = time.perf_counter()
+            shapes = self._initializer_shapes()
+            with executor.exclusive():
+                try:
+                    stats = refit_engine(engine, weights, logger=trt.Logger(trt.Logger.WARNING), what=what,
+                                         shapes=shapes, base=self._base_weights, device=self.device,
+                                         before_refit=lambda: torch.cuda.synchronize(self.device))
+                except RefitFailedError:
+                    self._weights_unknown = True
+                    executor.drop_graphs()
+                    raise
+                dropped = executor.drop_graphs()
+                self._weights_unknown = False
+            ms = (time.perf_counter() - t0) * 1e3
+            self.last_switch = {"backend": NAME, "switch_ms": round(ms, 2), "rebuild_s": self.entry.build_seconds,
+                                "weights": stats.weights, "filled": stats.filled, "bytes": stats.bytes,
+                                "graphs_dropped": dropped}
+        log.info("%s: weights switched in %.1f ms (a rebuild took %.1f s); %d context(s) recapture their graph",
+                 what, ms, self.entry.build_seconds, dropped)
+
+    def _onnx_path(self) -> Path | None:
+        rel = self.ctx.export_entry.get("file") if isinstance(self.ctx.export_entry, dict) else None
+        path = Path(self.ctx.artifacts) / rel if rel else None
+        return path if path is not None and path.is_file() else None
+
+    def _initializer_shapes(self) -> dict[str, tuple[int, ...]] | None:
+        """ONNX initializer shapes (graph only, no weight data read), once; None without the ONNX."""
+        if self._weight_shapes is None:
+            path = self._onnx_path()
+            if path is None:
+                log.warning("%s: exported ONNX not found: weight shapes are checked by count only", self.spec.name)
+                return None
+            import onnx
+
+            model = onnx.load(str(path), load_external_data=False)
+            self._weight_shapes = {i.name: tuple(int(d) for d in i.dims) for i in model.graph.initializer}
+        return self._weight_shapes
+
+    def _base_weights(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Base values of ``names`` from the exported ONNX (partners TensorRT combined with a passed weight)."""
+        path = self._onnx_path()
+        if path is None:
+            return {}
+        import onnx
+        from onnx import numpy_helper
+
+        wanted = set(names)
+        model = onnx.load(str(path), load_external_data=False)
+        return {i.name: torch.from_numpy(numpy_helper.to_array(i, base_dir=str(path.parent)).copy())
+                for i in model.graph.initializer if i.name in wanted}
 
     @property
     def graph_stats(self) -> dict[str, int]:
@@ -150,6 +243,7 @@ class TensorRTRunner(ComponentRunner):
         return {**super().description, "device": str(self.device), "precision": self.entry.precision,
                 "precision_requested": self.entry.precision_requested, "engine": str(self.entry.path),
                 "cuda_graphs": self.cuda_graphs, "graphs": self.graph_stats if self.cuda_graphs else None,
+                "refittable": self.entry.refittable, "last_switch": self.last_switch,
                 "buckets": [str(b) for b in self.entry.buckets], "batch_sizes": list(self.entry.batch_sizes)}
 
     # ---- calls ----------------------------------------------------------------------------------
@@ -164,6 +258,9 @@ class TensorRTRunner(ComponentRunner):
         executor = self._executor
         if executor is None:
             raise RunnerClosedError(f"{self.spec.name} (tensorrt) was closed during the call", "open() it again")
+        if self._weights_unknown:
+            raise BackendUnavailableError(f"{self.spec.name} (tensorrt): a weight switch failed half-way",
+                                          "call set_weights (pipe.set_loras) again, or close and reopen")
         on_device = {n: t.to(device=self.device, dtype=self._dtypes[n]).contiguous() for n, t in feeds.items()}
         profile = select_profile(self.entry, {n: tuple(t.shape) for n, t in on_device.items()})
         outputs = executor.run(on_device, profile)

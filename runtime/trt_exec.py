@@ -27,6 +27,10 @@ Rules it enforces (see :mod:`.lanes` for lanes, streams and scratch):
 * CUDA graphs: each context has its own one-graph :class:`~.cuda_graphs.GraphCache`
   (the same machinery as the PyTorch backend's); a shape that cannot be captured runs
   eagerly (logged once). ``cuda_graphs=False`` runs every call eagerly.
+* **Refit** (:mod:`.trt_refit`): :meth:`TrtExecutor.exclusive` waits for the calls in flight
+  and holds new ones back while the engine's weights change; :meth:`TrtExecutor.drop_graphs`
+  then drops every captured graph (TensorRT keeps contexts valid across a refit but says
+  nothing about graphs captured before it, which freeze kernel parameters), keeping contexts.
 
 Thread sharing: one executor is shared by every thread calling its runner. ``_lock``
 guards the per-lane context tables and the in-flight count; everything inside a lane is
@@ -35,10 +39,11 @@ guarded by that lane's lock.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,6 +189,42 @@ class TrtExecutor:
             setattr(self._retired, k, getattr(self._retired, k) + v)
         slot.graphs.clear()
         slot.context = None
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """No call of this executor runs inside the block: waits for those in flight, holds new ones.
+
+        ``run`` takes ``_lock`` (a re-entrant condition) to count itself in, so holding it
+        here is enough; a refit takes milliseconds to seconds, calls wait that long.
+        """
+        with self._lock:
+            if self._closed:
+                raise RunnerClosedError(f"{self.name} (tensorrt) is closed", "open() it again")
+            while self._inflight:
+                self._lock.wait()
+            yield
+
+    def drop_graphs(self) -> int:
+        """Drop every captured CUDA graph (contexts stay); the next call per shape recaptures.
+
+        Called after a refit. Each lane's graphs are dropped under that lane's lock, after its
+        stream is idle (a replay may still be reading the graph's buffers). Returns how many
+        contexts had their graphs dropped.
+        """
+        with self._lock:
+            tables = dict(self._slots)
+        lanes = {lane.index: lane for lane in self.pool.lanes}
+        n = 0
+        for index, table in tables.items():
+            lane = lanes.get(index)
+            if lane is None:
+                continue
+            with lane.lock:
+                self.ops.synchronize(lane.stream)
+                for slot in table.values():
+                    slot.graphs.clear()
+                    n += 1
+        return n
 
     @property
     def stats(self) -> dict[str, int]:
