@@ -26,7 +26,7 @@ import logging
 import platform
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from ..errors import (
     OpsetError,
     OutputDirError,
 )
+from ..lora.files import LORA_PARTS
 from ..models.loader import ModelSource, SDXLModel, resolve_source
 from ..specs import ComponentSpec, component_specs
 from .memory import PeakRSS, release_memory
@@ -62,7 +63,8 @@ from .report import human_size
 log = logging.getLogger(__name__)
 
 #: Bump when the export procedure changes what it writes: every component re-exports.
-EXPORTER_REVISION = 2
+#: 3: the parameter -> initializer map of the LoRA-switchable components.
+EXPORTER_REVISION = 3
 EXPORTER = "torch.onnx (TorchScript, dynamo=False)"
 
 #: component -> the model part whose weights it traces.
@@ -192,7 +194,8 @@ def _hash_tree(root: Path, sub: Path) -> dict[str, str]:
 class ExportPlan:
     """Components and assets an export of ``source`` writes, each with its incremental key."""
 
-    def __init__(self, source: ModelSource, opset: int, validate: bool, torch_weights: bool):
+    def __init__(self, source: ModelSource, opset: int, validate: bool, torch_weights: bool,
+                 loras: Sequence[tuple[str | Path, float]] = ()):
         self.source = source
         self.opset = opset
         self.validate = validate
@@ -201,9 +204,14 @@ class ExportPlan:
         self.versions = library_versions()
         fps = source.fingerprints
         base = {"revision": EXPORTER_REVISION, "versions": {k: self.versions.get(k) for k in KEY_LIBRARIES}}
+        #: LoRAs fused before export: their deltas, and per part the (sha256, scale) of those touching it.
+        self.loras, self.lora_records = _plan_loras(source, loras)
+        touching = {p: [[r["sha256"], r["scale"]] for r in self.lora_records if p in r["parts"]]
+                    for p in set(fps)}
+        lora_key = {p: {"loras": t} if t else {} for p, t in touching.items()}
         self.component_keys = {
             name: sha256_json({**base, "component": name, "part": fps[COMPONENT_PARTS[name]], "opset": opset,
-                               "spec": spec.to_dict()})
+                               "spec": spec.to_dict(), **lora_key[COMPONENT_PARTS[name]]})
             for name, spec in self.specs.items()
         }
         #: asset folder -> the part it is written from
@@ -213,7 +221,23 @@ class ExportPlan:
         if torch_weights:
             self.asset_parts.update(
                 {f"torch/{m}": m for m in TORCH_MODULES if m != "refiner_unet" or source.has_refiner})
-        self.asset_keys = {a: sha256_json({**base, "asset": a, "part": fps[p]}) for a, p in self.asset_parts.items()}
+        self.asset_keys = {a: sha256_json({**base, "asset": a, "part": fps[p], **lora_key[p]})
+                           for a, p in self.asset_parts.items()}
+
+    def load_part(self, part: str) -> Any:
+        """The source's part, with the plan's LoRAs fused in (a copy when the caller owns it)."""
+        obj = self.source.load_part(part)
+        deltas = [(d[part], scale) for d, scale in self.loras if part in d]
+        if deltas:
+            from ..lora.files import fuse_into
+
+            if self.source.origins[part][0] == "loaded":  # the caller's module: not ours to change
+                import copy
+
+                obj = copy.deepcopy(obj)
+            n = fuse_into(obj, deltas)
+            log.info("%s: %d LoRA(s) fused into %d weights", part, len(deltas), n)
+        return obj
 
     def kept(self, out: Path, previous: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Records of ``previous`` that are still valid: same key, files intact."""
@@ -236,6 +260,7 @@ def export_model(
     torch_weights: bool = True,
     progress: Progress | None = None,
     vae: str | None = None,
+    loras: Sequence[tuple[str | Path, float]] = (),
 ) -> dict[str, Any]:
     """Export every component of ``model`` into ``out_dir``; return the manifest.
 
@@ -243,13 +268,16 @@ def export_model(
     folder, single-file checkpoint, hub id) resolved with ``refiner``/``with_refiner``/``vae`` by
     :func:`~sdxl_export.models.loader.resolve_source`. The returned dict is the manifest
     plus ``up_to_date`` (nothing was done), ``exported`` and ``kept`` (component names).
+    ``loras``: ``(file, scale)`` pairs fused into the weights before export (diffusers'
+    ``set_adapters`` + ``fuse_lora``); each file's sha256 and scale are in the keys of the
+    components it touches, so changing one re-exports only those.
     """
     check_opset(opset)
     source = ModelSource.from_model(model) if isinstance(model, SDXLModel) else resolve_source(
         model, refiner=refiner, with_refiner=with_refiner, vae=vae)
     out = Path(out_dir)
     previous = prepare_out_dir(out)  # refuse a foreign folder before creating or locking anything
-    plan = ExportPlan(source, opset, validate, torch_weights)
+    plan = ExportPlan(source, opset, validate, torch_weights, loras)
     with _writable_locked(out) as created:
         try:
             return _export(plan, out, previous, progress)
@@ -292,10 +320,11 @@ def _export(plan: ExportPlan, out: Path, previous: dict[str, Any] | None, progre
         "vae": {k: v for k, v in source.part_config("vae").items() if k in VAE_RUNTIME_KEYS and v is not None},
         "components": {n: kept[n] for n in plan.specs if n in kept},
         "assets": {a: kept_assets[a] for a in plan.asset_parts if a in kept_assets},
+        "loras": plan.lora_records,
     }
     if previous and previous.get("complete") and not (todo or unvalidated or assets_todo or stale or stale_assets):
-        same = {k: previous.get(k) for k in ("source", "vae", "opset")} == {
-            k: manifest[k] for k in ("source", "vae", "opset")}
+        same = {k: previous.get(k) for k in ("source", "vae", "opset", "loras")} == {
+            k: manifest[k] for k in ("source", "vae", "opset", "loras")}
         if same:
             log.info("%s is up to date (%d components, source %s %s): no export work done",
                      out, len(plan.specs), source.kind, source.id)
@@ -320,7 +349,7 @@ def _export(plan: ExportPlan, out: Path, previous: dict[str, Any] | None, progre
 
     def use(part: str) -> Any:
         if part not in loaded:
-            loaded[part] = source.load_part(part)
+            loaded[part] = plan.load_part(part)
         return loaded[part]
 
     def done_with(part: str) -> None:
@@ -424,9 +453,12 @@ def _export_component(plan: ExportPlan, out: Path, name: str, get_module: Callab
     """
     from ..models.wrappers import wrap_module
     from . import onnx_tools
+    from .param_map import fingerprint_parameters, match_initializers
 
     spec = plan.specs[name]
     wrapped = wrap_module(name, get_module())
+    # The switchable components: their parameters' fingerprints while the module is here.
+    prints = fingerprint_parameters(get_module()) if COMPONENT_PARTS[name] in LORA_PARTS else None
     rel_dir = Path("onnx") / name
     with atomic_dir(out / rel_dir) as tmp:
         path = tmp / "model.onnx"
@@ -444,6 +476,7 @@ def _export_component(plan: ExportPlan, out: Path, name: str, get_module: Callab
             record = onnx_tools.compare_with_onnxruntime(spec, path, val_shape, *reference)
             record["torch_seconds"] = round(torch_s, 3)
             record["seconds"] = round(time.perf_counter() - t0 + torch_s, 2)
+        parameters = match_initializers(path, prints) if prints is not None else None
         files = {(rel_dir / p.name).as_posix(): sha256_file(p) for p in onnx_tools.onnx_files(path)}
         size = sum(p.stat().st_size for p in onnx_tools.onnx_files(path))
     trace = onnx_tools.trace_shape(spec, plan.dims.native_size)
@@ -456,7 +489,25 @@ def _export_component(plan: ExportPlan, out: Path, name: str, get_module: Callab
         "validation": record,
         "export_seconds": round(export_s, 2),
         "size_bytes": size,
+        **({"parameters": parameters} if parameters is not None else {}),
     }
+
+
+def _plan_loras(source: ModelSource, loras: Sequence[tuple[str | Path, float]]) -> tuple[list[Any], list[Any]]:
+    """Check and load the LoRAs to fuse (before anything is written): deltas and manifest records."""
+    if not loras:
+        return [], []
+    from ..lora.files import check_scale, config_objects, lora_deltas, resolve_lora
+
+    configs = config_objects({p: source.part_config(p) for p in LORA_PARTS})
+    deltas, records = [], []
+    for path, scale in loras:
+        lora = resolve_lora(path)
+        value = check_scale(scale, str(path))
+        d = lora_deltas(lora, configs)
+        deltas.append((d, value))
+        records.append({"file": str(lora.path), "sha256": lora.sha256, "scale": value, "parts": sorted(d)})
+    return deltas, records
 
 
 def _write_asset(plan: ExportPlan, out: Path, manifest: dict[str, Any], asset: str, obj: Any) -> None:

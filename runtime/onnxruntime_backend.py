@@ -39,7 +39,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import BackendUnavailableError, CorruptArtifactError, InvalidRequestError, MissingComponentError
+from ..errors import (
+    BackendUnavailableError,
+    CorruptArtifactError,
+    InvalidRequestError,
+    MissingComponentError,
+    WeightMismatchError,
+)
 from ..specs import ComponentSpec
 from .backend import ComponentRunner
 from .backends import ComponentContext
@@ -166,6 +172,10 @@ class OrtRunner(ComponentRunner):
         self._lanes: list[Any] = []
         self._pool: ThreadPoolExecutor | None = None
         self._batched_inputs = {t.name for t in spec.inputs if t.shape and t.shape[0] == "batch"}
+        #: Initializers replaced at run time (set_weights): name -> the OrtValue every session uses.
+        self._overrides: dict[str, Any] = {}
+        self._initializer_shapes: dict[str, tuple[int, ...]] | None = None
+        self._external_initializers: set[str] = set()
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def _open_impl(self) -> None:
@@ -193,7 +203,7 @@ class OrtRunner(ComponentRunner):
             "Fail", "InvalidArgument", "NoSuchFile", "NoModel", "InvalidProtobuf", "InvalidGraph",
             "RuntimeException", "EPFail") if hasattr(ort_errors, n))
         try:
-            self._session = ort.InferenceSession(str(self.model_path), so, providers=providers)
+            self._session = self._new_session(so, providers)
         except load_errors as exc:
             raise CorruptArtifactError(
                 f"ONNX Runtime cannot load {self.model_path} ({type(exc).__name__}: {str(exc)[:200]})",
@@ -225,14 +235,89 @@ class OrtRunner(ComponentRunner):
         step), which costs most when other processes share the cores. Each lane holds its
         own copy of the weights (ONNX Runtime prepacks GEMM weights per session).
         """
-        import onnxruntime as ort
 
-        threads = max(1, physical_cores() // lanes)
-        for _ in range(lanes):
-            so, _ = build_session_options({**self._options, "intra_op_num_threads": threads})
-            self._lanes.append(ort.InferenceSession(str(self.model_path), so, providers=["CPUExecutionProvider"]))
+        self._lanes = self._new_lanes(lanes)
         self._pool = ThreadPoolExecutor(lanes, thread_name_prefix=f"ort-{self.spec.name}")
         log.info("%s: batch split over %d one-thread sessions", self.spec.name, lanes)
+
+    def _new_lanes(self, lanes: int) -> list[Any]:
+        threads = max(1, physical_cores() // lanes)
+        out = []
+        for _ in range(lanes):
+            so, _ = build_session_options({**self._options, "intra_op_num_threads": threads})
+            out.append(self._new_session(so, ["CPUExecutionProvider"]))
+        return out
+
+    def _new_session(self, so: Any, providers: list[Any]) -> Any:
+        """A session on the graph file, with the run-time weight overrides supplied from memory."""
+        import onnxruntime as ort
+
+        if self._overrides:
+            # ORT replaces an initializer stored as external data only through
+            # add_external_initializers, and one stored inline only through add_initializer.
+            external = self._external_initializers
+            names = [n for n in self._overrides if n in external]
+            if names:
+                so.add_external_initializers(names, [self._overrides[n] for n in names])
+            for n, value in self._overrides.items():
+                if n not in external:
+                    so.add_initializer(n, value)
+        return ort.InferenceSession(str(self.model_path), so, providers=providers)
+
+    # ---- run-time weights ------------------------------------------------------------------------
+    weight_keys = "onnx"
+
+    def set_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """New sessions whose named initializers come from ``weights`` (in the graph's layout).
+
+        Nothing on disk changes: the values are handed to ONNX Runtime from memory
+        (``SessionOptions.add_external_initializers``) and kept here for every later session
+        (the lanes too). The old sessions serve until the new ones are built; a failure keeps
+        them. Names not in the graph (e.g. an offline-optimized ORT twin renamed them) and
+        shape mismatches are refused before anything is built.
+        """
+        import onnxruntime as ort
+
+        if self._session is None:
+            from .backend import RunnerClosedError
+
+            raise RunnerClosedError(f"{self.spec.name} ({NAME}) is not open", "call open() first")
+        shapes = self._graph_initializers()
+        for name, value in weights.items():
+            if name not in shapes:
+                raise WeightMismatchError(
+                    f"{self.spec.name} ({NAME}): {self.model_path.name} has no initializer {name!r}",
+                    "switch weights on the exported graph (drop the ORT twin engine) or re-export")
+            if shapes[name] != tuple(value.shape):
+                raise WeightMismatchError(
+                    f"{self.spec.name} ({NAME}): initializer {name} is {shapes[name]}, the update is "
+                    f"{tuple(value.shape)}", "pass weights in the graph's layout (see the parameter map)")
+        previous = dict(self._overrides)
+        for name, value in weights.items():
+            arr = np.ascontiguousarray(value.detach().to("cpu", torch.float32).numpy())
+            self._overrides[name] = ort.OrtValue.ortvalue_from_numpy(arr)
+        try:
+            so, _ = build_session_options(self._options)
+            session = self._new_session(so, self._session_providers())
+            lanes = self._new_lanes(len(self._lanes)) if self._lanes else []
+        except BaseException:
+            self._overrides = previous
+            raise
+        self._session, self._lanes = session, lanes
+
+    def _session_providers(self) -> list[Any]:
+        return list(zip(self._session.get_providers(), self._session.get_provider_options().values())) \
+            if self.device.type == "cuda" else ["CPUExecutionProvider"]
+
+    def _graph_initializers(self) -> dict[str, tuple[int, ...]]:
+        if self._initializer_shapes is None:
+            import onnx
+
+            model = onnx.load(str(self.model_path), load_external_data=False)
+            self._initializer_shapes = {i.name: tuple(int(d) for d in i.dims) for i in model.graph.initializer}
+            self._external_initializers = {i.name for i in model.graph.initializer
+                                           if i.data_location == onnx.TensorProto.EXTERNAL}
+        return self._initializer_shapes
 
     def _close_impl(self) -> None:
         self._session = None

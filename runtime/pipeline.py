@@ -14,15 +14,21 @@ encode and noise), with the same refiner hand-off, or on the refiner alone
 ``generator=torch.Generator("cpu").manual_seed(S)``: the same seed gives diffusers' image.
 
 What the pipeline owns is only per-object: loaded component runners, tokenizers, the
-empty-negative cache. Everything per call (scheduler instances, the generator, latents,
-timings) lives in the call, so one pipeline serves several threads at once.
+empty-negative cache, the active LoRA set. Everything per call (scheduler instances, the
+generator, latents, timings) lives in the call, so one pipeline serves several threads at once.
+
+LoRA (:meth:`SDXLPipeline.set_loras`, per call ``loras=``): one LoRA set is active at a time.
+Calls with the active set run concurrently; a call with another set waits for the calls in
+flight to finish, switches the weights (every weight any LoRA touched since load is rewritten
+from base + the new set's deltas), then runs; no call ever runs on half-switched weights.
+A failed switch (bad file, wrong architecture, bad scale) leaves the previous set active.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,6 +114,10 @@ class SDXLPipeline:
                                     if self.has_refiner else None)
         self._image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale)
         self._check_conditioning_dims()
+        from ..lora.switch import LoraSet, LoraSwitcher
+
+        self.loras = LoraSwitcher(artifacts, runners)
+        self._default_loras = LoraSet()
         # Pay the one-off costs (diffusers' lazy scheduler imports, from_config) at load,
         # not inside the first call's timings.
         for factory in (self._schedulers, self._refiner_schedulers):
@@ -201,6 +211,31 @@ class SDXLPipeline:
             "components": {n: r.description for n, r in self.runners.items()},
         }
 
+    # ---- LoRA ------------------------------------------------------------------------------------
+    def set_loras(self, loras: Mapping[str | Path, float] | None) -> dict[str, Any] | None:
+        """Make ``{file_or_name: scale, ...}`` the LoRA set of later calls (``{}``: the base weights).
+
+        Means diffusers' ``load_lora_weights`` + ``set_adapters(names, scales)`` + ``fuse_lora``:
+        ``W = W0 + sum_i scale_i * dW_i`` on the UNet and both text encoders. Names are files,
+        or names in :attr:`lora_dir`. Waits for calls in flight with another set. Atomic: on
+        :class:`~sdxl_export.errors.InvalidLoraError` (or a backend that cannot switch) the
+        previous set stays. Returns the switch record (``switch_ms`` per component), or None
+        when the set was already active.
+        """
+        lset = self.loras.resolve(loras)
+        with self.loras.session(lset, hold=False) as switched:
+            self._default_loras = lset
+        return switched
+
+    @property
+    def lora_dir(self) -> str | Path | None:
+        """Folder where LoRA names (not paths) are looked up (``name`` or ``name.safetensors``)."""
+        return self.loras.lora_dir
+
+    @lora_dir.setter
+    def lora_dir(self, folder: str | Path | None) -> None:
+        self.loras.lora_dir = folder
+
     def nearest_size(self, height: int, width: int) -> tuple[int, int]:
         """The SDXL aspect bucket (at this model's native size) nearest to ``height x width``."""
         b = nearest_bucket(height, width, self.native_size)
@@ -216,6 +251,7 @@ class SDXLPipeline:
         crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
         aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5, output_type: str = "pil",
         image: Any = None, strength: float | None = None, refiner_only: bool = False, mask_image: Any = None,
+        loras: Mapping[str | Path, float] | None = None,
     ) -> SDXLPipelineOutput:
         """Generate images; arguments mean what they mean in diffusers' SDXL pipelines.
 
@@ -235,6 +271,10 @@ class SDXLPipeline:
         ``strength`` in (0, 1] (default 0.3, diffusers') is how much of the schedule re-runs.
         ``refiner_only=True`` refines the image with the refiner alone (no base, no hand-off).
         ``mask_image`` is refused: there is no inpainting.
+
+        ``loras``: this call's LoRA set (``{file_or_name: scale}``, ``{}`` for none); default the
+        set of :meth:`set_loras`. A call with another set than the active one waits for the calls
+        in flight, then switches (see the class docstring).
         """
         t0 = time.perf_counter()
         req = self._request(
@@ -246,7 +286,15 @@ class SDXLPipeline:
             negative_aesthetic_score=negative_aesthetic_score, output_type=output_type, image=image,
             strength=strength, refiner_only=refiner_only, mask_image=mask_image,
         )
-        timings = StageTimings()
+        lset = self._default_loras if loras is None else self.loras.resolve(loras)
+        with self.loras.session(lset) as switched:
+            out = self._generate(req, timings=StageTimings(), t0=t0)
+        out.info["loras"] = lset.describe()
+        if switched is not None:
+            out.info["lora_switch_ms"] = switched["switch_ms"]
+        return out
+
+    def _generate(self, req: SampleRequest, *, timings: StageTimings, t0: float) -> SDXLPipelineOutput:
         enc = self.encoder.encode(req.prompts, req.negatives, guidance=req.guidance, refiner=req.refiner,
                                   timings=timings, base=not req.refiner_only)
         init = self._encode_image(req, timings) if req.image is not None else None

@@ -48,7 +48,13 @@ from typing import Any
 import torch
 
 from ..artifacts import EXPORT_MANIFEST, FORMAT_EXPORT, read_manifest, verify_files
-from ..errors import ArtifactError, BackendUnavailableError, InvalidRequestError, MissingComponentError
+from ..errors import (
+    ArtifactError,
+    BackendUnavailableError,
+    InvalidRequestError,
+    MissingComponentError,
+    WeightMismatchError,
+)
 from .backend import ComponentRunner, RunnerClosedError
 from .backends import ComponentContext
 from .cuda_graphs import DEFAULT_MAX_GRAPHS, GraphCache
@@ -111,6 +117,7 @@ class TorchRunner(ComponentRunner):
     """One component as a PyTorch module, eager or replayed from CUDA graphs."""
 
     backend = "torch"
+    weight_keys = "torch"
 
     def __init__(self, ctx: ComponentContext):
         super().__init__(ctx.spec)
@@ -153,6 +160,7 @@ class TorchRunner(ComponentRunner):
             max_graphs=int(ctx.options.get("max_graphs", DEFAULT_MAX_GRAPHS)),
         )
         self._module: torch.nn.Module | None = None
+        self._params: dict[str, torch.nn.Parameter] = {}
 
     # ---- lifecycle --------------------------------------------------------------------------
     def _open_impl(self) -> None:
@@ -166,10 +174,36 @@ class TorchRunner(ComponentRunner):
         model = model.to(device=self.device).eval()
         model.requires_grad_(False)
         self._module = _wrap(self.spec.name, model).eval()
+        self._params = dict(model.named_parameters())
+
+    def set_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``weights`` (parameter names of the module) in place into the loaded parameters.
+
+        In place on purpose: captured CUDA graphs read the parameters' storage, so they stay
+        valid and replay the new weights. Every name and shape is checked before any copy.
+        """
+        if self._module is None:
+            raise RunnerClosedError(f"{self.spec.name} (torch) is not open", "call open() first")
+        params = self._params
+        for name, value in weights.items():
+            p = params.get(name)
+            if p is None:
+                raise WeightMismatchError(f"{self.spec.name} (torch) has no parameter {name!r}",
+                                          "pass parameter names of the component's torch module")
+            if tuple(p.shape) != tuple(value.shape):
+                raise WeightMismatchError(
+                    f"{self.spec.name} (torch): {name} is {tuple(p.shape)}, the update is {tuple(value.shape)}",
+                    "pass weights of the model this export was made from")
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value.to(device=params[name].device, dtype=params[name].dtype))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _close_impl(self) -> None:
         self.graphs.clear()
         self._module = None
+        self._params = {}
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
