@@ -79,6 +79,8 @@ class BuildOptions:
     version_compatible: bool = False
     #: TensorRT ``BuilderFlag.REFIT`` (run-time LoRA switching); recorded, not needed, by the ORT twin
     refittable: bool = False
+    #: ``(file, scale)`` LoRAs fused before export (``--lora``)
+    loras: tuple[tuple[str, float], ...] = ()
     ort_optimization: str = ort_builder.DEFAULT_LEVEL
     opset: int = 17
     validate: bool = True
@@ -329,7 +331,7 @@ def build(opts: BuildOptions) -> BuildReport:
                  "parity with the export); recorded as precision_requested=%s, precision=fp32",
                  opts.precision, opts.precision)
     export_manifest = export_model(opts.model, opts.out, refiner=opts.refiner, with_refiner=opts.with_refiner,
-                                   opset=opts.opset, vae=opts.vae)
+                                   opset=opts.opset, vae=opts.vae, loras=opts.loras)
     root = Path(opts.out).resolve()
     plan = make_plan(opts, export_manifest)
     if backend == BACKEND_TRT:

@@ -75,7 +75,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         timing_cache=args.timing_cache, workspace_gb=args.workspace_gb,
         builder_optimization_level=args.builder_optimization_level,
         hardware_compatibility=args.hardware_compatibility, version_compatible=args.version_compatible,
-        refittable=getattr(args, "refittable", False),
+        refittable=getattr(args, "refittable", False), loras=tuple(getattr(args, "loras", ())),
         ort_optimization=args.ort_optimization, opset=getattr(args, "opset", 17),
         validate=not getattr(args, "no_validate", False),
     )

@@ -51,6 +51,17 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
     ref.add_argument("--no-refiner", action="store_true", help="the base only (no refiner)")
     p.add_argument("--vae", default=None, metavar="DIR|FILE",
                    help="a VAE replacing the model's (diffusers folder or single file, e.g. the fp16-fix VAE)")
+    add_lora_option(p, "fused into the weights before export (only the components it touches re-export)")
+
+
+def add_lora_option(p: argparse.ArgumentParser, what: str) -> None:
+    """--lora FILE[:SCALE], repeatable (diffusers/PEFT or kohya/A1111 .safetensors)."""
+    from ..lora.files import parse_lora_arg
+
+    p.add_argument("--lora", dest="loras", action="append", type=parse_lora_arg, default=[],
+                   metavar="FILE[:SCALE]", help=f"an SDXL LoRA (.safetensors, diffusers or kohya format), scale "
+                   f"default 1.0; repeatable; {what}")
+
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -60,6 +71,7 @@ def run_export(args: argparse.Namespace) -> int:
     result = export_model(
         args.model, args.out, refiner=None if args.no_refiner else args.refiner,
         with_refiner=not args.no_refiner, opset=args.opset, torch_weights=not args.no_torch_weights, vae=args.vae,
+        loras=args.loras,
     )
     print(export_summary(result, args.out))
     return 0

@@ -75,7 +75,7 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
     """``FILE[:SCALE]`` (CLI) -> ``(FILE, scale)``; the scale defaults to 1.0.
 
     The last ``:`` splits only when what follows is a number, so ``C:\\x.safetensors`` and
-    paths with colons stay whole.
+    paths with colons stay whole. The scale is checked where it is used (one named error).
     """
     head, sep, tail = text.rpartition(":")
     if sep and head:
@@ -83,7 +83,7 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
             float(tail)
         except ValueError:
             return text, 1.0
-        return head, check_scale(tail, head)
+        return head, float(tail)
     return text, 1.0
 
 

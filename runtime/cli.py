@@ -64,6 +64,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", type=Path, default=Path("sdxl.png"), metavar="FILE.png",
                    help="output image (several: FILE.png, FILE-1.png, ...; default sdxl.png)")
     p.add_argument("--json", action="store_true", help="print the timings as JSON instead of a table")
+    from ..export.cli import add_lora_option
+
+    add_lora_option(p, "switched in at run time (no rebuild; torch and onnxruntime backends)")
     p.set_defaults(func=cmd_run)
 
 
@@ -72,6 +75,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     with SDXLPipeline.from_artifacts(args.artifacts, backend=args.backend, device=args.device,
                                      load_refiner=not args.no_refiner) as pipe:
+        if args.loras:
+            pipe.set_loras(dict(args.loras))
         height, width = args.height, args.width
         if args.bucket:
             height, width = pipe.nearest_size(height or pipe.native_size, width or pipe.native_size)

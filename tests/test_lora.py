@@ -158,3 +158,21 @@ def test_parameter_map_points_at_equal_values(tiny_artifacts, tiny_model):
         assert targets and all(n in mapping or n in unused for n in targets)
         assert not rec["parameters"]["shared"] or not set(targets) & set(rec["parameters"]["shared"])
         assert sum(n in mapping for n in targets) >= len(targets) // 2
+
+
+def test_cli_run_with_lora_and_bad_lora(tiny_artifacts, files, reference, tmp_path):
+    """``run --lora FILE:SCALE`` is the API's set; a bad scale or file is one line, exit 2."""
+    from fixtures import run_cli
+    from PIL import Image
+
+    common = ["run", "a photo of a cat", "--artifacts", str(tiny_artifacts), "--backend", "onnxruntime",
+              "--device", "cpu", "--no-refiner", "--steps", "3", "--height", "128", "--width", "128", "--seed", "0"]
+    rc, _, err = run_cli(*common, "--lora", f"{files['A']}:0.7", "--out", str(tmp_path / "a.png"))
+    assert rc == 0, err
+    got = np.asarray(Image.open(tmp_path / "a.png"), dtype=np.float32) / 255
+    assert np.abs(got - reference({"A": 0.7})[0]).max() <= 1.5 / 255  # + PNG's 8-bit rounding
+    for bad, word in ((f"{files['A']}:nan", "finite"), (str(tmp_path / "none.safetensors"), "does not exist")):
+        rc, _, err = run_cli(*common, "--lora", bad, "--out", str(tmp_path / "b.png"))
+        lines = [ln for ln in err.splitlines() if ln.startswith("sdxl-export: error: ")]
+        assert rc == 2 and len(lines) == 1 and word in lines[0] and ". Fix: " in lines[0], err
+        assert not (tmp_path / "b.png").exists()
