@@ -47,6 +47,7 @@ from .common import (
     get_str,
     seeds_for,
 )
+from .loras import split_prompt_tags
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,13 @@ def parse_txt2img(body: Any, *, models: Models, max_images: int,
                               "guidance_scale": cfg, "scheduler": scheduler, "refiner": use_refiner}
     if use_refiner:
         kwargs["denoising_end"] = switch
+    # The web UI's extra networks: <lora:name:scale> tags select LoRAs and leave the prompt.
+    prompt, tags = split_prompt_tags(prompt)
+    if split_prompt_tags(negative)[1]:
+        raise ParamError("negative_prompt", "LoRA tags in the negative prompt are not supported",
+                         "put <lora:name:scale> tags in the prompt")
+    if tags:
+        kwargs["loras"] = tags
     parsed = ParsedRequest(prompts=[prompt] * n, negatives=[negative] * n, seeds=seeds_for(seed, n),
                            kwargs=kwargs, echo=dict(body))
     meta = {"sampler": sampler.name, "schedule": "Karras" if scheduler == "dpmpp_2m_karras" else "Automatic",
@@ -269,6 +277,11 @@ def txt2img_response(images_b64: list[str], parsed: ParsedRequest, meta: Mapping
         "infotexts": [infotext(p, n, s, kw, meta, models) for p, n, s in zip(parsed.prompts, negs, parsed.seeds)],
     }
     return {"images": images_b64 if send_images else [], "parameters": parsed.echo, "info": json.dumps(info)}
+
+
+def loras(names: list[str]) -> list[dict[str, Any]]:
+    """``GET /sdapi/v1/loras`` (the web UI's Lora extension): names only, no server paths."""
+    return [{"name": n, "alias": n, "path": None, "metadata": {}} for n in names]
 
 
 def samplers() -> list[dict[str, Any]]:

@@ -47,7 +47,8 @@ access_log = logging.getLogger("sdxl_export.serve.access")
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 ROUTES = ("/healthz", "/readyz", "/metrics", "/v1/models", "/v1/images/generations", "/v1/generate", "/v1/info",
           "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/samplers", "/sdapi/v1/schedulers", "/sdapi/v1/sd-models",
-          "/sdapi/v1/options", "/sdapi/v1/scripts", "/sdapi/v1/progress")
+          "/sdapi/v1/options", "/sdapi/v1/scripts", "/sdapi/v1/progress", "/sdapi/v1/loras",
+          "/sdapi/v1/refresh-loras")
 
 
 class BodyTooLargeError(InvalidRequestError):
@@ -397,6 +398,18 @@ def build_app(get_service: Callable[[], ImageService | None], config: ServeConfi
     @guarded
     async def scripts(request: Request) -> Any:
         return {"txt2img": [], "img2img": []}
+
+    @app.get("/sdapi/v1/loras")
+    @guarded
+    async def list_loras(request: Request) -> Any:
+        from . import loras as lora_names
+
+        return a1111_api.loras(lora_names.available(config.lora_dir))
+
+    @app.post("/sdapi/v1/refresh-loras")
+    @guarded
+    async def refresh_loras(request: Request) -> Any:
+        return None  # the folder is read on every request: nothing is cached to refresh
 
     @app.get("/sdapi/v1/progress")
     @guarded

@@ -56,6 +56,9 @@ class SamplingParams:
     img2img: bool = False
     strength: float | None = None
     refiner_only: bool = False
+    #: the LoRA set, ``((name, scale), ...)`` sorted (names in the server's LoRA folder); the
+    #: pipeline switches sets between calls, so requests are grouped by set
+    loras: tuple[tuple[str, float], ...] = ()
 
     @property
     def guidance(self) -> bool:
@@ -133,7 +136,7 @@ def _run_chunk(pipe: Any, jobs: Sequence[ImageJob]) -> list[JobResult]:
         generator=[torch.Generator("cpu").manual_seed(j.seed) for j in jobs], scheduler=p.scheduler,
         aesthetic_score=p.aesthetic_score, negative_aesthetic_score=p.negative_aesthetic_score,
         original_size=p.original_size, crops_coords_top_left=p.crops_coords_top_left, target_size=p.target_size,
-        output_type="pil", **_img2img_kwargs(jobs),
+        output_type="pil", loras=dict(p.loras), **_img2img_kwargs(jobs),
     )
     run = time.perf_counter() - t0
     timings = out.timings.to_dict()

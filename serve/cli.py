@@ -54,6 +54,8 @@ def register(subparsers: Any) -> None:
                    help="allow browser calls from ORIGIN (repeatable; default: CORS off)")
     p.add_argument("--model-name", default=None, help="model id reported to clients (default: the folder name)")
     p.add_argument("--no-refiner", action="store_true", help="do not load the refiner")
+    p.add_argument("--lora-dir", type=Path, default=None, metavar="DIR",
+                   help="LoRA .safetensors files requests may name ('loras': {name: scale}; A1111 <lora:name:scale>)")
     p.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead of the embedded server")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="join this Ray cluster (default: start a local Ray instance)")
@@ -78,7 +80,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         warmup=parse_sizes(args.warmup), max_images_per_request=min(args.max_images, args.max_queue),
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
         grace_s=args.grace, cors_origins=tuple(args.cors_origin), model_name=args.model_name,
-        load_refiner=not args.no_refiner,
+        load_refiner=not args.no_refiner, lora_dir=args.lora_dir,
     )
 
 
@@ -98,6 +100,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     read_artifacts(cfg.artifacts, with_refiner=cfg.load_refiner)  # named error now, not in a replica
+    if cfg.lora_dir is not None and not cfg.lora_dir.is_dir():
+        raise ServeConfigError(f"--lora-dir {cfg.lora_dir} is not a folder", "pass the folder holding your LoRA files")
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.auth_required:
         log.warning("listening on %s without --api-key/--api-auth: anyone who can reach it may generate",
                     cfg.host)

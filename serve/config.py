@@ -84,6 +84,8 @@ class ServeConfig:
     #: Model id reported by /v1/models and /sdapi/v1/sd-models (default: the artifact folder's name).
     model_name: str | None = None
     load_refiner: bool = True
+    #: LoRA files requests may name (``{"loras": {name: scale}}``, A1111 ``<lora:name:scale>``).
+    lora_dir: Path | None = None
 
     def __post_init__(self) -> None:
         checks = [

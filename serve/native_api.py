@@ -6,7 +6,8 @@ negative conditioning), ``num_images_per_prompt``, ``height``, ``width``,
 ``scheduler``, ``original_size``, ``crops_coords_top_left``, ``target_size``,
 ``aesthetic_score``, ``negative_aesthetic_score``; img2img: ``image`` (base64 or a data URL;
 every output starts from it, at its size unless ``height``/``width`` resize it), ``strength``
-(default 0.3, diffusers'), ``refiner_only``; a ``mask`` is refused. Images come in diffusers' order (each
+(default 0.3, diffusers'), ``refiner_only``; a ``mask`` is refused; ``loras``: ``{name: scale}``,
+names of files in the server's ``--lora-dir``. Images come in diffusers' order (each
 prompt's images together); image i uses ``seed + i``. The answer carries the images (base64
 PNG), every seed, and the queue wait, batch size and per-stage timings of each image's call.
 """
@@ -28,7 +29,7 @@ from .common import (
     seeds_for,
 )
 
-KNOWN = {"prompt", "negative_prompt", "num_images_per_prompt", "height", "width", "num_inference_steps",
+KNOWN = {"loras", "prompt", "negative_prompt", "num_images_per_prompt", "height", "width", "num_inference_steps",
          "guidance_scale", "denoising_end", "refiner", "seed", "scheduler", "original_size",
          "crops_coords_top_left", "target_size", "aesthetic_score", "negative_aesthetic_score", "image",
          "strength", "refiner_only", "mask", "mask_image"}
@@ -106,6 +107,8 @@ def parse(body: Any, *, has_refiner: bool, max_images: int) -> ParsedRequest:
             kwargs[key] = pair
     expanded = [p for p in prompts for _ in range(per)]
     negs = None if negatives is None else [q for q in negatives for _ in range(per)]
+    if body.get("loras") is not None:
+        kwargs["loras"] = body["loras"]  # names in the server's LoRA folder, checked at admission
     seed = get_int(body, "seed", None, lo=-1)
     return ParsedRequest(prompts=expanded, negatives=negs, seeds=seeds_for(seed, n), kwargs=kwargs,
                          echo={k: body[k] for k in body if k not in ("prompt", "negative_prompt", "image")},

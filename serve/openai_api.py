@@ -30,7 +30,7 @@ from .common import (
 )
 from .config import ServeConfigError, parse_size
 
-OURS = ("negative_prompt", "seed", "steps", "guidance_scale", "scheduler", "refiner", "denoising_end")
+OURS = ("negative_prompt", "seed", "steps", "guidance_scale", "scheduler", "refiner", "denoising_end", "loras")
 #: OpenAI's own fields -> the values we honour (None: any value is fine; it changes nothing we do).
 OPENAI_ACCEPTED: dict[str, tuple[Any, ...] | None] = {
     "response_format": (None, "b64_json"),
@@ -85,6 +85,8 @@ def parse(body: Any, *, model_ids: list[str], has_refiner: bool, max_images: int
     denoising_end = get_float(body, "denoising_end", None, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
     if denoising_end is not None:
         kwargs["denoising_end"] = denoising_end
+    if body.get("loras") is not None:
+        kwargs["loras"] = body["loras"]  # checked against the LoRA folder at admission
     negative = get_str(body, "negative_prompt")
     seed = get_int(body, "seed", None, lo=-1)
     return ParsedRequest(prompts=[prompt] * n, negatives=None if negative is None else [negative] * n,

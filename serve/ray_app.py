@@ -134,7 +134,7 @@ def app(args: dict[str, Any] | None = None) -> Any:
     autoscale = args.pop("autoscale", None)
     kwargs: dict[str, Any] = {}
     for key, value in args.items():
-        if key == "artifacts":
+        if key in ("artifacts", "lora_dir"):
             kwargs[key] = Path(value)
         elif key == "api_auth":
             kwargs["basic_auth"] = parse_basic_auth(value)

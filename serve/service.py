@@ -93,6 +93,7 @@ class ImageService:
                                                load_refiner=cfg.load_refiner,
                                                backend_options=dict(cfg.backend_options))
             self.pipe = pipe
+            pipe.lora_dir = cfg.lora_dir
             n = pipe.native_size
             served = pipe.served_batch_sizes(n, n, refiner=pipe.has_refiner, limit=DEFAULT_MAX_BATCH)
             self.max_batch = cfg.max_batch_size or (max(served) if served else 1)
@@ -188,15 +189,20 @@ class ImageService:
             raise ServiceUnavailableError("the pipeline is still loading", "retry when GET /readyz answers 200")
 
     def make_jobs(self, prompts: Sequence[str], negatives: Sequence[str] | None, seeds: Sequence[int], *,
-                  request_id: str, images: Sequence[Any] | None = None, **kwargs: Any) -> list[ImageJob]:
+                  request_id: str, images: Sequence[Any] | None = None, loras: Any = None,
+                  **kwargs: Any) -> list[ImageJob]:
         """Check one request (all of it, before anything is queued) and cut it into jobs.
 
         ``kwargs`` are pipeline arguments (height, width, num_inference_steps, guidance_scale,
         scheduler, refiner, denoising_end, aesthetic scores, strength, refiner_only); ``images``
-        the input image of each output (img2img). Raises the runtime's named errors.
+        the input image of each output (img2img); ``loras`` ``{name: scale}`` from the LoRA folder.
+        Raises the runtime's named errors.
         """
+        from . import loras as lora_names
+
         self.check_ready()
         cfg = self.config
+        lora_key = lora_names.check(loras, cfg.lora_dir)
         if not prompts:
             raise InvalidRequestError("no images requested", "ask for at least one image")
         if len(prompts) > cfg.max_images_per_request:
@@ -239,7 +245,7 @@ class ImageService:
             crops_coords_top_left=_pair_or_none(kwargs.get("crops_coords_top_left")) or (0, 0),
             target_size=_pair_or_none(kwargs.get("target_size")),
             img2img=bool(norm.get("img2img")), strength=norm.get("strength"),
-            refiner_only=bool(norm.get("refiner_only")),
+            refiner_only=bool(norm.get("refiner_only")), loras=lora_key,
         )
         return [ImageJob(prompt=p, negative_prompt=None if negatives is None else negatives[i], seed=int(seeds[i]),
                          params=params, request_id=request_id, index=i, image=images[i] if images else None)
