@@ -82,6 +82,9 @@ class BenchConfig:
     scheduler: str = "euler"
     prompt: str = DEFAULT_PROMPT
     seed: int = 0
+    #: ``--lora FILE[:SCALE]``: after the cases, the switch times and the UNet step with and
+    #: without this LoRA set on each variant (:func:`lora_bench`).
+    loras: tuple[tuple[str, float], ...] = ()
 
     def check(self) -> None:
         if (self.artifacts is None) == (self.model is None):
@@ -250,12 +253,70 @@ def _run(cfg: BenchConfig) -> dict[str, Any]:
         cases = [_run_case(cfg, pipes, baseline, height, width, int(batch))
                  for height, width in sizes for batch in cfg.batch_sizes]
         descriptions = {name: p.description for name, p in pipes.items()}
+        lora = lora_bench(cfg, pipes, sizes[0], artifacts) if cfg.loras else None
     finally:
         for p in pipes.values():
             p.close()
         if baseline is not None:
             baseline.close()
-    return _result(cfg, started, artifacts, build_timing, load_seconds, descriptions, cases)
+    result = _result(cfg, started, artifacts, build_timing, load_seconds, descriptions, cases)
+    if lora is not None:
+        result["lora"] = lora
+    return result
+
+
+#: The model parts an SDXL LoRA changes (the refiner is not an SDXL LoRA's target).
+LORA_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
+
+
+def lora_bench(cfg: BenchConfig, pipes: dict[str, Any], size: tuple[int, int], artifacts: Path) -> dict[str, Any]:
+    """Per variant: the first switch to ``cfg.loras`` (read + fit the files, then apply), a
+    switch with the deltas cached, the switch back to the base, and the UNet step p50 with and
+    without the set (the LoRA is fused into the weights: the step should cost the same),
+    next to what a fused rebuild of the touched components took (their export + engine build)."""
+    from ..runtime import read_artifacts
+
+    height, width = size
+    lset = dict(cfg.loras)
+    prompts = [cfg.prompt]
+
+    def unet_p50(pipe: Any) -> float:
+        calls: list[float] = []
+        for _ in range(cfg.runs):
+            _, out = _run_ours(pipe, cfg, prompts, height, width)
+            calls += out.timings.stages.get("unet", [])
+        return statistics.median(calls) * 1e3
+
+    def switch(pipe: Any, target: dict[str, float]) -> float:
+        t0 = time.perf_counter()
+        pipe.set_loras(target)
+        return (time.perf_counter() - t0) * 1e3
+
+    out: dict[str, Any] = {"loras": [{"file": f, "scale": s} for f, s in cfg.loras], "bucket": f"{height}x{width}",
+                           "variants": {}}
+    arts = read_artifacts(artifacts, with_refiner=cfg.use_refiner)
+    rebuild = 0.0
+    for name in LORA_COMPONENTS:
+        rec = arts.components.get(name, {})
+        rebuild += float(rec.get("export_seconds", 0.0)) + float((rec.get("validation") or {}).get("seconds", 0.0))
+        entry = getattr(arts.engine_store, "entries", {}).get(name) if arts.engine_store is not None else None
+        rebuild += float(getattr(entry, "build_seconds", 0.0) or 0.0)
+    out["fused_rebuild_seconds"] = rebuild
+    for name, pipe in pipes.items():
+        pipe.set_loras({})
+        without = unet_p50(pipe)
+        first = switch(pipe, lset)
+        with_lora = unet_p50(pipe)
+        back = switch(pipe, {})
+        cached = switch(pipe, lset)
+        pipe.set_loras({})
+        rec = {"first_switch_ms": first, "switch_ms_cached": cached, "switch_back_ms": back,
+               "unet_step_p50_ms_without": without, "unet_step_p50_ms_with": with_lora,
+               "step_cost_ratio": ratio(with_lora, without)}
+        log.info("LoRA on %s: first switch %.0f ms, cached %.0f ms, back %.0f ms; UNet step %.1f -> %.1f ms",
+                 name, first, cached, back, without, with_lora)
+        out["variants"][name] = rec
+    return out
 
 
 def _open_baseline(artifacts: Path, cfg: BenchConfig) -> tuple[Any, float]:

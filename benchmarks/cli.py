@@ -70,6 +70,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--scheduler", default=None, help="sampler (default euler)")
     p.add_argument("--prompt", default=None, help="the prompt")
     p.add_argument("--seed", type=int, default=None, help="seed (default 0)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="also measure switching to this LoRA set at run time (repeatable): switch ms, UNet step "
+                   "with and without it, next to the fused rebuild time")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the full result as JSON")
     p.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="write a latency plot (PNG)")
     p.set_defaults(func=cmd_bench)
@@ -120,6 +123,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
         cfg = replace(cfg, use_refiner=False)
     if args.batch_sizes is not None:
         cfg = replace(cfg, batch_sizes=parse_int_list(args.batch_sizes, "batch sizes"))
+    if args.lora:
+        from ..lora.files import parse_lora_arg
+
+        cfg = replace(cfg, loras=tuple(parse_lora_arg(x) for x in args.lora))
     session = dict(parse_option(o) for o in args.session_option)
     if args.backend is not None:
         names = [b.strip() for b in args.backend.split(",") if b.strip()]

@@ -76,6 +76,15 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
                            f" ({'within' if p['within_1_255'] else 'OUTSIDE'} 1/255)")
             else:
                 out.append(f"- parity {case['bucket']} b{case['batch']} {side}: not comparable ({p.get('why')})")
+    lora = result.get("lora")
+    if lora:
+        files = ", ".join(f"{Path(x['file']).name}:{x['scale']:g}" for x in lora["loras"])
+        for side, r in lora["variants"].items():
+            out.append(f"- LoRA {files} on {side} ({lora['bucket']}): first switch {r['first_switch_ms']:.0f} ms "
+                       f"(read + fit + apply), cached {r['switch_ms_cached']:.0f} ms, back to base "
+                       f"{r['switch_back_ms']:.0f} ms; UNet step p50 {r['unet_step_p50_ms_without']:.1f} ms without, "
+                       f"{r['unet_step_p50_ms_with']:.1f} ms with; a fused rebuild of the touched components took "
+                       f"{lora['fused_rebuild_seconds']:.1f} s")
     b = result.get("build", {})
     if b.get("export_seconds") is not None:
         out.append(f"- export {b['export_seconds']:.1f} s" + (
