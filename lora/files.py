@@ -146,7 +146,8 @@ def lora_deltas(lora: LoraFile, configs: Mapping[str, Any]) -> Deltas:
                                            "use a LoRA trained for SDXL")
                 loaded += len(factors)
                 with torch.no_grad():
-                    out.setdefault(part, {})[f"{mod_name}.weight"] = mod.get_delta_weight(adapter).detach().clone()
+                    delta = mod.get_delta_weight(adapter)  # type: ignore[attr-defined]  # on every peft LoRA layer
+                    out.setdefault(part, {})[f"{mod_name}.weight"] = delta.detach().clone()
     if loaded < len(weights):
         raise InvalidLoraError(
             f"LoRA {lora.path}: {len(weights) - loaded} of its {len(weights)} weights name no layer of this "
@@ -162,7 +163,7 @@ def config_objects(configs: Mapping[str, Any]) -> dict[str, Any]:
     """Config dicts (as the manifest and ModelSource give them) -> what the skeletons take."""
     from transformers import CLIPTextConfig
 
-    out = {p: dict(c) for p, c in configs.items()}
+    out: dict[str, Any] = {p: dict(c) for p, c in configs.items()}
     for part in ("text_encoder", "text_encoder_2"):
         if isinstance(out.get(part), dict):
             out[part] = CLIPTextConfig.from_dict(out[part])

@@ -176,3 +176,16 @@ def test_cli_run_with_lora_and_bad_lora(tiny_artifacts, files, reference, tmp_pa
         lines = [ln for ln in err.splitlines() if ln.startswith("sdxl-export: error: ")]
         assert rc == 2 and len(lines) == 1 and word in lines[0] and ". Fix: " in lines[0], err
         assert not (tmp_path / "b.png").exists()
+
+
+def test_concurrent_calls_with_different_sets(tiny_artifacts, files, reference):
+    """4 threads, alternating LoRA sets per call: every image equals diffusers' with its own set
+    (no call runs on another set's or half-switched weights)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sets = [{"A": 0.7}, {"B": 1.2}, {"A": 0.7}, {}]
+    with SDXLPipeline.from_artifacts(tiny_artifacts, "torch", device="cpu", load_refiner=False) as p, \
+            ThreadPoolExecutor(4) as pool:
+        images = list(pool.map(lambda s: _image(p, loras={str(files[k]): v for k, v in s.items()}), sets))
+    for s, got in zip(sets, images):
+        assert np.abs(got - reference(s)).max() <= TOL, s
