@@ -41,14 +41,24 @@ from ..buckets import parse_bucket_list
 from ..errors import ArtifactError, BackendUnavailableError, InvalidRequestError
 from ..specs import ComponentSpec, specs_from_dicts
 from ..tensorrt_env import GpuInfo, gpu_info, trt_status, trt_version
-from . import ort_builder
+from . import ort_builder, ov_builder
 from .planner import DEFAULT_MODE, MODES, Plan, plan_profiles
-from .store import BACKEND_ORT, BACKEND_TRT, EngineEntry, engine_manifest_path, onnx_hash, ort_target
+from .store import (
+    BACKEND_ORT,
+    BACKEND_OV,
+    BACKEND_TRT,
+    OV_DIR,
+    OV_SECTION,
+    EngineEntry,
+    engine_manifest_path,
+    onnx_hash,
+    ort_target,
+)
 from .trt_builder import DEFAULT_OPT_LEVEL, HARDWARE_COMPAT, PRECISIONS, TrtSettings
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", BACKEND_TRT, BACKEND_ORT)
+BACKENDS = ("auto", BACKEND_TRT, BACKEND_ORT, BACKEND_OV)
 VAE_KINDS = ("vae_decoder", "vae_encoder")
 #: Exported components the runtime never opens get no engine (none now: img2img uses the VAE
 #: encoder, built over the same buckets as the decoder).
@@ -197,6 +207,12 @@ def build_backend(requested: str) -> tuple[str, str]:
     """
     if requested == BACKEND_ORT:
         return BACKEND_ORT, "ONNX Runtime twin requested (--backend onnxruntime)"
+    if requested == BACKEND_OV:
+        ok_ov, why_ov = ov_builder.ov_status()
+        if not ok_ov:
+            raise BackendUnavailableError(f"--backend openvino, but OpenVINO cannot build here: {why_ov}",
+                                          "pip install openvino (or the [openvino] extra)")
+        return BACKEND_OV, "OpenVINO CPU engines (--backend openvino), kept beside the main engines"
     ok, why = trt_status()
     if requested == BACKEND_TRT:
         if not ok:
@@ -250,6 +266,16 @@ def wanted_engines(
             w.artifact_key = sha256_json({"backend": backend, "onnx": w.onnx_sha256, "target": target,
                                           "builder": key_builder, "profiles": [p.to_dict() for p in w.profiles]})
             w.builder = {**recorded, "timing_cache": str(opts.timing_cache) if opts.timing_cache else None}
+        elif backend == BACKEND_OV:
+            # --fp16/--bf16 on the CPU: its native reduced precision (bf16) where it has one.
+            w.precision = "bf16" if requested != "fp32" and target.get("bf16") else "fp32"
+            w.session_options = ov_builder.compile_config(w.precision, None)
+            # The precision is in the key although the IR bytes do not depend on it: a precision change
+            # must re-run the build's check (fp32 parity, bf16 tolerance) and refill the compile cache.
+            key_builder = {"ir": "convert_model+save_model(compress_to_fp16=False)", "precision": w.precision}
+            w.artifact_key = sha256_json({"backend": backend, "onnx": w.onnx_sha256, "target": target,
+                                          "builder": key_builder})
+            w.builder = {**key_builder, "refittable": opts.refittable}
         else:
             w.precision = "fp32"  # see ort_builder: the CPU twin always runs fp32
             key_builder = {"ort_optimization": opts.ort_optimization, "providers": list(ort_builder.PROVIDERS)}
@@ -330,6 +356,13 @@ def build(opts: BuildOptions) -> BuildReport:
         log.info("precision: %s requested, the ONNX Runtime CPU twin runs fp32 (few fp16 CPU kernels; keeps "
                  "parity with the export); recorded as precision_requested=%s, precision=fp32",
                  opts.precision, opts.precision)
+    if backend == BACKEND_OV and opts.precision != "fp32":
+        has, why = ov_builder.native_bf16()
+        if has:
+            log.info("precision: %s requested -> bf16 on this CPU (%s); the VAE stays %s", opts.precision, why,
+                     opts.vae_precision)
+        else:
+            log.warning("precision: %s requested, but %s: building fp32", opts.precision, why)
     export_manifest = export_model(opts.model, opts.out, refiner=opts.refiner, with_refiner=opts.with_refiner,
                                    opset=opts.opset, vae=opts.vae, loras=opts.loras)
     root = Path(opts.out).resolve()
@@ -340,6 +373,8 @@ def build(opts: BuildOptions) -> BuildReport:
             raise BackendUnavailableError("TensorRT or the GPU stopped being usable during the build",
                                           "rerun the build")
         target = trt_target(ver, gpu)
+    elif backend == BACKEND_OV:
+        target = ov_builder.ov_target()
     else:
         target = ort_target()
     wanted = wanted_engines(opts, export_manifest, plan, backend, target)
@@ -356,9 +391,8 @@ def _build_engines(opts: BuildOptions, root: Path, engines_dir: Path, backend: s
     """The engine phase of :func:`build`, under the engines folder's lock."""
     clean_stale_tmp(engines_dir)
     previous = _load_previous(root)
-    prev_entries: dict[str, Any] = dict(previous.get("engines", {}))
-    manifest: dict[str, Any] = {
-        **manifest_header(FORMAT_ENGINES),
+    ov = backend == BACKEND_OV
+    header: dict[str, Any] = {
         "complete": False,
         "backend": backend,
         "backend_note": note,
@@ -370,9 +404,27 @@ def _build_engines(opts: BuildOptions, root: Path, engines_dir: Path, backend: s
         "plan": {k: v for k, v in plan.to_dict().items() if k != "components"},
         "engines": {},
     }
+    manifest: dict[str, Any]
+    if ov:
+        # OpenVINO engines go in their own section; the main table (TensorRT or the ORT twin) is kept.
+        (engines_dir / OV_DIR).mkdir(exist_ok=True)
+        clean_stale_tmp(engines_dir / OV_DIR)
+        prev_entries: dict[str, Any] = dict((previous.get(OV_SECTION) or {}).get("engines", {}))
+        manifest = {**previous, **manifest_header(FORMAT_ENGINES)} if previous.get("engines") is not None else {
+            **manifest_header(FORMAT_ENGINES), "complete": True, "backend": None,
+            "backend_note": "no main engines built", "engines": {}}
+        manifest[OV_SECTION] = header
+        table, state = header["engines"], header
+    else:
+        prev_entries = dict(previous.get("engines", {}))
+        manifest = {**manifest_header(FORMAT_ENGINES), **header}
+        if previous.get(OV_SECTION):
+            manifest[OV_SECTION] = previous[OV_SECTION]
+        table, state = manifest["engines"], manifest
+    comp_dir = (engines_dir / OV_DIR) if ov else engines_dir
     results: list[ComponentResult] = []
     for name in [n for n in prev_entries if n not in wanted]:
-        shutil.rmtree(engines_dir / name, ignore_errors=True)
+        shutil.rmtree(comp_dir / name, ignore_errors=True)
         why = "not used by the runtime" if name in RUNTIME_UNUSED else "no longer exported"
         results.append(ComponentResult(name, "removed", why))
         log.info("%s: engine removed (%s)", name, why)
@@ -380,7 +432,7 @@ def _build_engines(opts: BuildOptions, root: Path, engines_dir: Path, backend: s
     for name, w in wanted.items():
         prev = prev_entries.get(name)
         if prev is not None and prev.get("artifact_key") == w.artifact_key:
-            manifest["engines"][name] = prev
+            table[name] = prev
     atomic_write_json(engine_manifest_path(root), manifest)
 
     total = len(wanted)
@@ -389,25 +441,25 @@ def _build_engines(opts: BuildOptions, root: Path, engines_dir: Path, backend: s
         action, why = decide(prev, w, files_ok(root, (prev or {}).get("files", {})))
         if action == "skip":
             log.info("[%d/%d] %s: up to date (%s)", i, total, name, w.backend)
-            manifest["engines"][name] = prev
+            table[name] = prev
             results.append(ComponentResult(name, "up to date", why))
             continue
         if action == "update":
             assert prev is not None
             entry = EngineEntry.from_dict(prev, root)
             _apply_record(entry, w)
-            manifest["engines"][name] = entry.to_dict(root)
+            table[name] = entry.to_dict(root)
             log.info("[%d/%d] %s: manifest updated (%s)", i, total, name, why)
             results.append(ComponentResult(name, "updated", why))
         else:
             log.info("[%d/%d] %s: building %s engine (%s) ...", i, total, name, w.backend, why)
             entry = _build_one(root, w, opts)
-            manifest["engines"][name] = entry.to_dict(root)
+            table[name] = entry.to_dict(root)
             log.info("[%d/%d] %s: built in %.1fs", i, total, name, entry.build_seconds)
             results.append(ComponentResult(name, "built", why, entry.build_seconds))
         atomic_write_json(engine_manifest_path(root), manifest)
 
-    manifest["complete"] = True
+    state["complete"] = True
     atomic_write_json(engine_manifest_path(root), manifest)
     n_built = sum(r.action == "built" for r in results)
     if n_built == 0 and all(r.action == "up to date" for r in results):
@@ -426,7 +478,7 @@ def _apply_record(entry: EngineEntry, w: Wanted) -> None:
 
 
 def _build_one(root: Path, w: Wanted, opts: BuildOptions) -> EngineEntry:
-    rel_dir = Path(ENGINE_DIR) / w.component
+    rel_dir = Path(ENGINE_DIR) / (f"{OV_DIR}/{w.component}" if w.backend == BACKEND_OV else w.component)
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
     with atomic_dir(root / rel_dir) as tmp:
@@ -438,6 +490,15 @@ def _build_one(root: Path, w: Wanted, opts: BuildOptions) -> EngineEntry:
             extra = build_engine(w.onnx_path, tmp / PLAN_FILE, w.trt_settings, w.profiles, spec=w.spec,
                                  timing_cache=opts.timing_cache, name=w.component, check_accuracy=opts.validate)
             written = [tmp / PLAN_FILE]
+        elif w.backend == BACKEND_OV:
+            written = ov_builder.build_ir(w.onnx_path, tmp)
+            # Compile once now: checks the IR and fills the cache the runtime loads from.
+            cfg = ov_builder.compile_config(w.precision, root / ENGINE_DIR / OV_DIR / ov_builder.CACHE_DIR)
+            if opts.validate:
+                extra["parity"] = ov_builder.check_parity(w.onnx_path, written[0], w.spec, _check_shape(w),
+                                                          w.precision, cfg)
+            else:
+                ov_builder.compile_ir(written[0], cfg)
         else:
             written = ort_builder.build_twin(w.onnx_path, tmp, opts.ort_optimization)
             if opts.validate:
@@ -455,7 +516,7 @@ def _build_one(root: Path, w: Wanted, opts: BuildOptions) -> EngineEntry:
         built_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), validation=extra,
     )
     if "parity" in extra:
-        log.info("%s: twin matches the export (max abs error %.1e)", w.component,
+        log.info("%s: %s engine matches the export (max abs error %.1e)", w.component, w.backend,
                  max(extra["parity"]["max_abs_error"].values(), default=0.0))
     return entry
 

@@ -47,8 +47,9 @@ def add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", type=_batch_sizes, default=(1,), metavar="N,N",
                    help="prompt batch sizes (the UNet runs 2x under classifier-free guidance; default 1)")
     p.add_argument("--profiles", choices=MODES, default=DEFAULT_MODE, help=f"profile mode (default {DEFAULT_MODE})")
-    p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"), default="auto",
-                   help="auto: TensorRT where usable, else the ONNX Runtime twin")
+    p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "openvino"), default="auto",
+                   help="auto: TensorRT where usable, else the ONNX Runtime twin; openvino: OpenVINO CPU "
+                        "engines beside those (bf16 with --fp16/--bf16 where the CPU has it)")
     p.add_argument("--timing-cache", type=Path, default=None, metavar="FILE", help="TensorRT timing cache to load/save")
     p.add_argument("--workspace", dest="workspace_gb", type=float, default=None, metavar="GB",
                    help="TensorRT workspace memory limit")
@@ -88,6 +89,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     report = build(options_from_args(args))
     print(f"engines: {report.out / 'engines'} ({report.backend}; {report.backend_note})")
     entries = report.manifest.get("engines", {})
+    if report.backend == "openvino":
+        entries = (report.manifest.get("openvino") or {}).get("engines", {})
     for r in report.results:
         e = entries.get(r.component, {})
         prec = e.get("precision", "-")
@@ -139,10 +142,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     store = load_engine_store(args.out)
     if store is None:
         raise ArtifactError(f"{args.out} has no engines/ folder", f"run `sdxl-export build --out {args.out}`")
-    if not store.entries:
+    if not store.entries and not store.openvino_entries:
         raise ArtifactError(f"{args.out}/engines holds no engine", f"run `{store.build_command}`")
     for name in store.entries:
         e = store.verify(name)
+        print(f"{name:<15} ok  {e.backend:<11} {e.precision:<5} {len(e.profiles):>3} profile(s)  {e.path}")
+    for name in store.openvino_entries:
+        e = store.verify(name, backend="openvino")
         print(f"{name:<15} ok  {e.backend:<11} {e.precision:<5} {len(e.profiles):>3} profile(s)  {e.path}")
     return 0
 

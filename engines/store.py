@@ -64,6 +64,13 @@ log = logging.getLogger(__name__)
 
 BACKEND_TRT = "tensorrt"
 BACKEND_ORT = "onnxruntime"
+BACKEND_OV = "openvino"
+#: The manifest section holding the OpenVINO engines, beside the main ``engines`` table (TensorRT
+#: or the ONNX Runtime twin): ``{"engines": {...}, "build_command": ..., "complete": ...}``.
+OV_SECTION = "openvino"
+#: OpenVINO engines live in ``engines/openvino/<component>/`` (and its compile cache in
+#: ``engines/openvino/cache``).
+OV_DIR = "openvino"
 
 
 def onnx_hash(export_component: Mapping[str, Any]) -> str:
@@ -235,6 +242,19 @@ class EngineStore:
         self.entries: dict[str, EngineEntry] = {
             name: EngineEntry.from_dict(d, artifacts) for name, d in manifest.get("engines", {}).items()
         }
+        ov = manifest.get(OV_SECTION) or {}
+        #: OpenVINO engines (``build --backend openvino``), kept beside :attr:`entries`.
+        self.openvino_entries: dict[str, EngineEntry] = {
+            name: EngineEntry.from_dict(d, artifacts) for name, d in (ov.get("engines") or {}).items()
+        }
+        self.openvino_build_command: str = _with_out(
+            ov.get("build_command") or f"{default_build_command(artifacts)} --backend openvino", artifacts)
+
+    def entry_for(self, component: str, backend: str) -> EngineEntry | None:
+        """The engine of ``component`` built for ``backend``, or None."""
+        table = self.openvino_entries if backend == BACKEND_OV else self.entries
+        entry = table.get(component)
+        return entry if entry is not None and entry.backend == backend else None
 
     @property
     def complete(self) -> bool:
@@ -243,15 +263,19 @@ class EngineStore:
     def _fix(self) -> str:
         return f"run `{self.build_command}`"
 
-    def verify(self, component: str, *, gpu: GpuInfo | None = None, trt_version: str | None = None) -> EngineEntry:
+    def verify(self, component: str, *, gpu: GpuInfo | None = None, trt_version: str | None = None,
+               backend: str | None = None) -> EngineEntry:
         """Check ``component``'s engine can be loaded here; return its entry.
 
         ``gpu``/``trt_version`` default to this machine's (detected lazily, TensorRT
         entries only). Raises :class:`ArtifactError` (no such engine),
         :class:`StaleEngineError` (ONNX re-exported, other TensorRT/GPU/ONNX Runtime) or
         :class:`CorruptArtifactError` (file missing or hash mismatch), each with the
-        build command that fixes it.
+        build command that fixes it. ``backend="openvino"`` checks the OpenVINO engine (kept
+        beside the main table) against this machine's OpenVINO version and CPU flags.
         """
+        if backend == BACKEND_OV:
+            return self._verify_openvino(component)
         entry = self.entries.get(component)
         if entry is None:
             raise ArtifactError(
@@ -282,6 +306,26 @@ class EngineStore:
         else:
             raise ArtifactError(f"the {component} engine has unknown backend {entry.backend!r}", self._fix())
         self._check_files(entry)
+        return entry
+
+    def _verify_openvino(self, component: str) -> EngineEntry:
+        from .ov_builder import ov_incompatible
+
+        fix = f"run `{self.openvino_build_command}`"
+        entry = self.openvino_entries.get(component)
+        if entry is None or entry.backend != BACKEND_OV:
+            raise ArtifactError(f"{self.artifacts / ENGINE_DIR} has no OpenVINO engine for {component}", fix)
+        try:
+            self._check_onnx(entry)
+        except ArtifactError as exc:
+            raise type(exc)(exc.message, fix) from None
+        why = ov_incompatible(entry.target, entry.precision)
+        if why:
+            raise StaleEngineError(f"the {component} OpenVINO engine cannot run here: {why}", fix)
+        try:
+            self._check_files(entry)
+        except ArtifactError as exc:
+            raise type(exc)(exc.message, fix) from None
         return entry
 
     def _check_onnx(self, entry: EngineEntry) -> None:

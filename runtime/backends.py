@@ -4,7 +4,8 @@ Each backend module exposes ``available() -> tuple[bool, str]`` (and why not) an
 ``create(ctx: ComponentContext) -> ComponentRunner``. Modules are imported lazily, so
 a machine without TensorRT or CUDA never imports them. :func:`resolve_backend` is the one
 place ``backend="auto"`` is decided (log line + ``pipeline.backend``): TensorRT where
-TensorRT engines were built and TensorRT is usable, else ONNX Runtime. ``torch`` is
+TensorRT engines were built and TensorRT is usable, else OpenVINO where OpenVINO engines
+were built, OpenVINO is installed and there is no CUDA GPU, else ONNX Runtime. ``torch`` is
 never picked by ``auto``: it is the eager reference, chosen by name.
 """
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 BACKENDS: dict[str, str] = {
     "tensorrt": "sdxl_export.runtime.tensorrt_runner",
     "onnxruntime": "sdxl_export.runtime.onnxruntime_backend",
+    "openvino": "sdxl_export.runtime.openvino_backend",
     "torch": "sdxl_export.runtime.torch_backend",
 }
 
@@ -81,6 +83,15 @@ def resolve_backend(name: str, store: Any | None = None) -> str:
                 log.info("backend auto -> tensorrt (TensorRT engines built and TensorRT usable)")
                 return "tensorrt"
             log.warning("TensorRT engines are built but not usable here (%s): using onnxruntime", why)
+        if getattr(store, "openvino_entries", None):
+            import torch
+
+            ok, why = backend_available("openvino")
+            if ok and not torch.cuda.is_available():
+                log.info("backend auto -> openvino (OpenVINO engines built, CPU machine)")
+                return "openvino"
+            log.warning("OpenVINO engines are built but not used here (%s): using onnxruntime",
+                        why if not ok else "a CUDA GPU is present")
         ok, why = backend_available("onnxruntime")
         if not ok:
             raise BackendUnavailableError(f"no backend is available (onnxruntime: {why})", "pip install onnxruntime")

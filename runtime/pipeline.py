@@ -86,6 +86,8 @@ def choose_device(device: str, backend: str) -> str:
         return device
     if backend == "tensorrt":
         return "cuda"
+    if backend == "openvino":
+        return "cpu"
     if backend == "onnxruntime":
         from .onnxruntime_backend import cuda_available
 
@@ -148,8 +150,8 @@ class SDXLPipeline:
         try:
             for name in names:
                 entry = None
-                if store is not None and getattr(store.entries.get(name), "backend", None) == chosen:
-                    entry = store.verify(name)  # named error before any deserialisation
+                if store is not None and _built_for(store, name, chosen):
+                    entry = store.verify(name, backend=chosen)  # named error before any deserialisation
                     if name == "vae_decoder" and getattr(entry, "precision", "fp32") != "fp32":
                         log.warning("the vae_decoder engine runs in %s: SDXL's VAE can overflow below fp32 "
                                     "(NaN is caught and reported); rebuild with --vae-precision fp32",
@@ -429,8 +431,8 @@ class SDXLPipeline:
         store = self.artifacts.engine_store
         sizes: set[tuple[int, int]] | None = None
         for name in ("unet", "vae_decoder", "refiner_unet", "vae_encoder"):
-            entry = getattr(store, "entries", {}).get(name) if store is not None else None
-            if name not in self.runners or entry is None or getattr(entry, "backend", None) != self.backend:
+            entry = _built_for(store, name, self.backend) if store is not None else None
+            if name not in self.runners or entry is None:
                 continue
             if not getattr(entry, "profiles", None):
                 continue
@@ -544,3 +546,12 @@ class SDXLPipeline:
                 "decode in fp32: rebuild the vae_decoder engine with --precision fp32, or use an fp16-fixed VAE",
             )
         return self._image_processor.postprocess(image, output_type=output_type)
+
+
+def _built_for(store: Any, name: str, backend: str) -> Any:
+    """``name``'s engine in ``store`` built for ``backend`` (the OpenVINO table or the main one), or None."""
+    entry_for = getattr(store, "entry_for", None)
+    if entry_for is not None:
+        return entry_for(name, backend)
+    entry = getattr(store, "entries", {}).get(name)
+    return entry if getattr(entry, "backend", None) == backend else None
