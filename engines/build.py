@@ -20,7 +20,7 @@ import shlex
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +188,9 @@ class BuildReport:
     plan: Plan
     results: list[ComponentResult]
     manifest: dict[str, Any]
+    #: ``build --fp16``/``--bf16`` (backend auto) on a CPU machine with native bf16: the OpenVINO
+    #: bf16 engines built beside the ONNX Runtime twin (:func:`cpu_reduced_precision_companion`).
+    companion: BuildReport | None = None
 
     @property
     def built(self) -> list[str]:
@@ -382,8 +385,33 @@ def build(opts: BuildOptions) -> BuildReport:
     engines_dir = root / ENGINE_DIR
     engines_dir.mkdir(parents=True, exist_ok=True)
     with folder_lock(engines_dir, "build", "wait for it to finish, or pass another --out"):
-        return _build_engines(opts, root, engines_dir, backend, note, target, plan, export_manifest,
-                              wanted, t_all)
+        report = _build_engines(opts, root, engines_dir, backend, note, target, plan, export_manifest,
+                                wanted, t_all)
+    if cpu_reduced_precision_companion(opts, backend):
+        log.info("precision: %s on a CPU with native bf16: also building the OpenVINO bf16 engines "
+                 "(`auto` runs them; --backend onnxruntime keeps the exact fp32 twin)", opts.precision)
+        report.companion = build(replace(opts, backend=BACKEND_OV))
+    return report
+
+
+def cpu_reduced_precision_companion(opts: BuildOptions, backend: str) -> bool:
+    """Whether ``build --fp16``/``--bf16`` with ``--backend auto`` also builds OpenVINO bf16 engines.
+
+    On a machine without TensorRT the main engines are the ONNX Runtime twin, which runs fp32 (CPU
+    kernels); a reduced precision asked for there means the CPU's native one where it has it: bf16
+    through OpenVINO on AVX512_BF16/AMX CPUs. Plain fp32 builds and explicit backends never do.
+    """
+    if opts.backend != "auto" or backend != BACKEND_ORT or opts.precision == "fp32":
+        return False
+    ok, why = ov_builder.ov_status()
+    if not ok:
+        log.info("precision: %s requested; OpenVINO is not available (%s): the fp32 twin only",
+                 opts.precision, why)
+        return False
+    has, why = ov_builder.native_bf16()
+    if not has:
+        log.info("precision: %s requested, but %s: the fp32 twin only", opts.precision, why)
+    return has
 
 
 def _build_engines(opts: BuildOptions, root: Path, engines_dir: Path, backend: str, note: str, target: Any,

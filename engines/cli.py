@@ -87,18 +87,21 @@ def cmd_build(args: argparse.Namespace) -> int:
     from .build import build
 
     report = build(options_from_args(args))
-    print(f"engines: {report.out / 'engines'} ({report.backend}; {report.backend_note})")
-    entries = report.manifest.get("engines", {})
-    if report.backend == "openvino":
-        entries = (report.manifest.get("openvino") or {}).get("engines", {})
-    for r in report.results:
-        e = entries.get(r.component, {})
-        prec = e.get("precision", "-")
-        if e and e.get("precision_requested") != prec:
-            prec = f"{prec} (requested {e.get('precision_requested')})"
-        n = len(e.get("profiles", []))
-        print(f"  {r.component:<15} {r.action:<10} {prec:<24} {n:>3} profile(s)  {r.reason}")
-    if report.up_to_date:
+    for rep in (report, report.companion):
+        if rep is None:
+            continue
+        print(f"engines: {rep.out / 'engines'} ({rep.backend}; {rep.backend_note})")
+        entries = rep.manifest.get("engines", {})
+        if rep.backend == "openvino":
+            entries = (rep.manifest.get("openvino") or {}).get("engines", {})
+        for r in rep.results:
+            e = entries.get(r.component, {})
+            prec = e.get("precision", "-")
+            if e and e.get("precision_requested") != prec:
+                prec = f"{prec} (requested {e.get('precision_requested')})"
+            n = len(e.get("profiles", []))
+            print(f"  {r.component:<15} {r.action:<10} {prec:<24} {n:>3} profile(s)  {r.reason}")
+    if report.up_to_date and (report.companion is None or report.companion.up_to_date):
         print("all engines up to date: nothing rebuilt")
     return 0
 

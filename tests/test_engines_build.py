@@ -47,13 +47,51 @@ def _manifest(root: Path) -> dict:
     return json.loads((root / ENGINE_DIR / "manifest.json").read_text())
 
 
-def _actions(stdout: str) -> dict[str, str]:
-    out = {}
+def _actions(stdout: str, section: int = 0) -> dict[str, str]:
+    """Per component, what the build did, from the printed table of one ``engines:`` section:
+    0 the main engines, 1 the OpenVINO bf16 companion that ``--fp16`` adds on a bf16 CPU."""
+    out: dict[str, str] = {}
+    seen = -1
     for line in stdout.splitlines():
+        if line.startswith("engines: "):
+            seen += 1
         parts = line.split()
-        if line.startswith("  ") and len(parts) > 2:
+        if seen == section and line.startswith("  ") and len(parts) > 2:
             out[parts[0]] = parts[1] if parts[1] != "up" else "up to date"
     return out
+
+
+def _twin_mtimes(engines: Path) -> dict[str, int]:
+    """The ONNX Runtime twin's files (the OpenVINO companion under openvino/ has its own tests)."""
+    return {k: v for k, v in file_mtimes(engines).items() if not k.startswith("openvino/")}
+
+
+def _has_ov_bf16() -> bool:
+    try:
+        from sdxl_export.engines import ov_builder
+
+        return ov_builder.ov_status()[0] and ov_builder.native_bf16()[0]
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ov_bf16(), reason="needs OpenVINO and a CPU with native bf16 (AVX512_BF16/AMX)")
+def test_fp16_on_a_bf16_cpu_also_builds_openvino_bf16_engines(built, copy):
+    """``build --fp16`` (backend auto, no TensorRT) on a bf16 CPU: the exact fp32 twin and, beside
+    it, OpenVINO bf16 engines (VAE fp32), which ``auto`` then runs."""
+    root, out = built["root"], built["out"]
+    acts = _actions(out, 1)
+    assert set(acts) == set(_actions(out)) and set(acts.values()) == {"built"}
+    ov = _manifest(root)["openvino"]["engines"]
+    for name, e in ov.items():
+        assert e["precision"] == ("fp32" if name in VAES else "bf16"), name
+        assert e["precision_requested"] == ("fp32" if name in VAES else "fp16"), name
+    from sdxl_export.runtime.backends import resolve_backend
+
+    assert resolve_backend("auto", load_engine_store(root)) == "openvino"
+    # an explicit backend is only that backend: no companion
+    rc, out2, err = run_cli("build", "--out", str(copy), "--backend", "onnxruntime", "--fp16")
+    assert rc == 0 and len([x for x in out2.splitlines() if x.startswith("engines: ")]) == 1, err
 
 
 def test_default_build_makes_the_onnxruntime_twin(built):
@@ -91,10 +129,11 @@ def test_twin_runs_every_planned_bucket_shape(built):
 
 
 def test_rerun_skips_everything(copy):
-    before = file_mtimes(copy / ENGINE_DIR)
+    before = file_mtimes(copy / ENGINE_DIR)  # the OpenVINO companion included
     rc, out, err = run_cli("build", "--fp16", "--out", str(copy))
     assert rc == 0, err
     assert set(_actions(out).values()) == {"up to date"}
+    assert set(_actions(out, 1).values()) <= {"up to date"}
     assert "all engines up to date" in out
     after = file_mtimes(copy / ENGINE_DIR)
     assert {k: v for k, v in after.items() if k != "manifest.json"} == {
@@ -103,14 +142,14 @@ def test_rerun_skips_everything(copy):
 
 def test_flag_changes_touch_exactly_what_they_affect(copy):
     engines = copy / ENGINE_DIR
-    before = file_mtimes(engines)
+    before = _twin_mtimes(engines)
     # The VAE's precision only changes what is recorded for the fp32 CPU twin: no rebuild.
     rc, out, err = run_cli("build", "--fp16", "--vae-precision", "fp16", "--out", str(copy))
     assert rc == 0, err
     acts = _actions(out)
     assert {n for n, a in acts.items() if a == "updated"} == VAES
     assert {n for n, a in acts.items() if a == "up to date"} == set(acts) - VAES
-    assert {k: v for k, v in file_mtimes(engines).items() if k != "manifest.json"} == {
+    assert {k: v for k, v in _twin_mtimes(engines).items() if k != "manifest.json"} == {
         k: v for k, v in before.items() if k != "manifest.json"}
     assert _manifest(copy)["engines"]["vae_decoder"]["precision_requested"] == "fp16"
     # The twin's optimization level changes every twin's bytes: all rebuilt.
@@ -123,12 +162,12 @@ def test_flag_changes_touch_exactly_what_they_affect(copy):
     assert all(e.builder["ort_optimization"] == "basic" for e in store.entries.values())
     assert not any(e.refittable for e in store.entries.values())
     # --refittable is TensorRT's: the twin switches weights by new sessions, so it is recorded only.
-    before = file_mtimes(engines)
+    before = _twin_mtimes(engines)
     rc, out, err = run_cli("build", "--fp16", "--vae-precision", "fp16", "--ort-optimization", "basic",
                            "--refittable", "--out", str(copy))
     assert rc == 0, err
     assert set(_actions(out).values()) == {"updated"}
-    assert {k: v for k, v in file_mtimes(engines).items() if k != "manifest.json"} == {
+    assert {k: v for k, v in _twin_mtimes(engines).items() if k != "manifest.json"} == {
         k: v for k, v in before.items() if k != "manifest.json"}
     assert all(e.refittable for e in load_engine_store(copy).entries.values())
     assert "--refittable" in _manifest(copy)["build_command"]
@@ -257,7 +296,7 @@ def test_a_second_build_of_the_same_folder_is_refused_while_one_runs(copy):
 
 
 def test_no_refiner_rebuild_removes_exactly_the_refiner(copy):
-    before = file_mtimes(copy / ENGINE_DIR)
+    before = _twin_mtimes(copy / ENGINE_DIR)
     rc, out, err = run_cli("build", "--fp16", "--no-refiner", "--out", str(copy))
     assert rc == 0, err
     actions = _actions(out)
@@ -266,7 +305,7 @@ def test_no_refiner_rebuild_removes_exactly_the_refiner(copy):
     assert not (copy / ENGINE_DIR / "refiner_unet").exists()
     assert not (copy / "onnx" / "refiner_unet").exists()
     assert "refiner_unet" not in _manifest(copy)["engines"]
-    after = file_mtimes(copy / ENGINE_DIR)
+    after = _twin_mtimes(copy / ENGINE_DIR)
     kept = {k: v for k, v in before.items() if k != "manifest.json" and not k.startswith("refiner_unet")}
     assert {k: v for k, v in after.items() if k in kept} == kept
     store = load_engine_store(copy)
