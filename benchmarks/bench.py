@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import statistics
 import tempfile
 import time
@@ -38,6 +39,12 @@ DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon, detai
 #: Parity bound of the images (float images in [0, 1]): one 8-bit level.
 PIXEL_TOLERANCE = 1 / 255
 BASELINE = "diffusers"
+#: diffusers' own bf16 pipelines (``--baseline-bf16``): the yardstick of the fidelity gate.
+BASELINE_BF16 = "diffusers-bf16"
+#: Engine precisions the bench builds (``Variant.precision``); fp32 into the work folder, the
+#: others each into their own sibling folder (``<work>-<backend>-<precision>``), since one
+#: artifact folder holds one engine set per backend.
+REDUCED_PRECISIONS = ("fp16", "bf16")
 RSS_NOTE = ("memory.rss_peak_mb is the whole process: every side's figure includes the other pipelines' "
             "resident weights (all sides run in one process, interleaved)")
 
@@ -51,6 +58,9 @@ class Variant:
     device: str = "auto"
     #: ``backend_options`` of :meth:`SDXLPipeline.from_artifacts` (ORT: ``{"session_options": {...}}``).
     options: dict[str, Any] = field(default_factory=dict)
+    #: the engines' build precision (``sdxl-export build --precision``): ``fp32``, or ``bf16``/``fp16``,
+    #: built by the bench's prepare step into a separate artifact folder (needs ``--model``).
+    precision: str = "fp32"
 
 
 @dataclass
@@ -74,6 +84,9 @@ class BenchConfig:
     warmup: int = 1
     baseline: str = "diffusers"
     baseline_device: str = "auto"
+    #: also run diffusers' pipelines in torch.bfloat16 (side ``diffusers-bf16``), interleaved
+    #: like the fp32 baseline, and gate reduced-precision variants against it (runtime/fidelity.py)
+    baseline_bf16: bool = False
     #: torch's intra-op threads while the benchmark runs (None: torch's default, one per core).
     torch_threads: int | None = None
     guidance_scale: float = 5.0
@@ -104,9 +117,21 @@ class BenchConfig:
         if not self.variants:
             raise InvalidRequestError("no backend to benchmark", "pass --backend NAME")
         names = [v.name for v in self.variants]
-        if len(set(names)) != len(names) or BASELINE in names:
-            raise InvalidRequestError(f"variant names must be unique and not {BASELINE!r}: {names}",
-                                      "give each variant its own name")
+        if len(set(names)) != len(names) or BASELINE in names or BASELINE_BF16 in names:
+            raise InvalidRequestError(f"variant names must be unique and not {BASELINE!r}/{BASELINE_BF16!r}: "
+                                      f"{names}", "give each variant its own name")
+        for v in self.variants:
+            if v.precision not in ("fp32", *REDUCED_PRECISIONS):
+                raise InvalidRequestError(f"variant {v.name}: unknown precision {v.precision!r}",
+                                          f"use one of fp32, {', '.join(REDUCED_PRECISIONS)}")
+            if v.precision != "fp32" and self.artifacts is not None:
+                raise InvalidRequestError(
+                    f"variant {v.name} asks for {v.precision} engines, which the bench builds only with --model",
+                    "pass --model SRC (the bench builds them), or --artifacts of a reduced-precision build "
+                    "with the variant's precision left at fp32")
+        if self.baseline_bf16 and self.baseline != "diffusers":
+            raise InvalidRequestError("--baseline-bf16 needs the diffusers baseline",
+                                      "drop --baseline none, or drop --baseline-bf16")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -170,8 +195,22 @@ def _resolve_device(device: str) -> str:
     return device
 
 
+def precision_folder(out: Path, backend: str, precision: str) -> Path:
+    """Where the bench builds ``backend`` engines at ``precision`` (fp32: ``out`` itself)."""
+    return out if precision == "fp32" else out.with_name(f"{out.name}-{backend}-{precision}")
+
+
+def variant_artifacts(cfg: BenchConfig, artifacts: Path) -> dict[str, Path]:
+    """The artifact folder each variant opens."""
+    return {v.name: precision_folder(artifacts, v.backend, v.precision) for v in cfg.variants}
+
+
 def prepare_artifacts(cfg: BenchConfig) -> tuple[Path, dict[str, Any]]:
-    """The artifact folder to benchmark, exporting and building it first for ``--model``."""
+    """The artifact folder to benchmark, exporting and building it first for ``--model``.
+
+    Variants with a reduced ``precision`` get their engines built into their own folder
+    (:func:`precision_folder`; the build exports there too, incrementally).
+    """
     timing: dict[str, Any] = {"export_seconds": None, "build_seconds": None, "built_backends": [],
                               "up_to_date": None}
     if cfg.artifacts is not None:
@@ -190,14 +229,18 @@ def prepare_artifacts(cfg: BenchConfig) -> tuple[Path, dict[str, Any]]:
     if cfg.build:
         native = int(manifest["native_size"])
         buckets = ",".join(f"{h}x{w}" for h, w in case_buckets(cfg, native))
-        backends = sorted({v.backend for v in cfg.variants if v.backend != "torch"})
+        backends = sorted({(v.backend, v.precision) for v in cfg.variants if v.backend != "torch"},
+                          key=lambda bp: (bp[1] != "fp32", bp))
         t0 = time.perf_counter()
-        for backend in backends:
-            log.info("building %s engines over %s, batch %s", backend, buckets, cfg.batch_sizes)
+        for backend, precision in backends:
+            target = precision_folder(out, backend, precision)
+            log.info("building %s %s engines over %s, batch %s into %s", backend, precision, buckets,
+                     cfg.batch_sizes, target)
             report = build(BuildOptions(model=cfg.model, refiner=cfg.refiner_source, with_refiner=cfg.use_refiner,
-                                        vae=cfg.vae_source, out=out, backend=backend, buckets=buckets,
-                                        batch_sizes=tuple(cfg.batch_sizes)))
-            timing["built_backends"].append(report.backend)
+                                        vae=cfg.vae_source, out=target, backend=backend, buckets=buckets,
+                                        batch_sizes=tuple(cfg.batch_sizes), precision=precision))
+            timing["built_backends"].append(report.backend if precision == "fp32"
+                                            else f"{report.backend} {precision}")
             fresh.append(report.up_to_date)
         timing["build_seconds"] = time.perf_counter() - t0 if backends else None
     #: True: the folder was already up to date, so the seconds are checks, not export/build work.
@@ -241,24 +284,30 @@ def _run(cfg: BenchConfig) -> dict[str, Any]:
     sizes = case_buckets(cfg, read_artifacts(artifacts, with_refiner=cfg.use_refiner).native_size)
     pipes: dict[str, Any] = {}
     load_seconds: dict[str, float] = {}
-    baseline = None
+    baselines: dict[str, Any] = {}
+    folders = variant_artifacts(cfg, artifacts)
     try:
         for v in cfg.variants:
             t0 = time.perf_counter()
-            pipes[v.name] = SDXLPipeline.from_artifacts(artifacts, backend=v.backend, device=v.device,
+            pipes[v.name] = SDXLPipeline.from_artifacts(folders[v.name], backend=v.backend, device=v.device,
                                                         load_refiner=cfg.use_refiner, backend_options=v.options)
             load_seconds[v.name] = time.perf_counter() - t0
         if cfg.baseline == "diffusers":
-            baseline, load_seconds[BASELINE] = _open_baseline(artifacts, cfg)
-        cases = [_run_case(cfg, pipes, baseline, height, width, int(batch))
+            baselines[BASELINE], load_seconds[BASELINE] = _open_baseline(artifacts, cfg)
+            if cfg.baseline_bf16:
+                baselines[BASELINE_BF16], load_seconds[BASELINE_BF16] = _open_baseline(artifacts, cfg, bf16=True)
+        cases = [_run_case(cfg, pipes, baselines, height, width, int(batch))
                  for height, width in sizes for batch in cfg.batch_sizes]
         descriptions = {name: p.description for name, p in pipes.items()}
+        for name, v in zip(list(descriptions), cfg.variants):
+            descriptions[name] = {**descriptions[name], "engine_precision": v.precision,
+                                  "artifacts": str(folders[name])}
         lora = lora_bench(cfg, pipes, sizes[0], artifacts) if cfg.loras else None
     finally:
         for p in pipes.values():
             p.close()
-        if baseline is not None:
-            baseline.close()
+        for b in baselines.values():
+            b.close()
     result = _result(cfg, started, artifacts, build_timing, load_seconds, descriptions, cases)
     if lora is not None:
         result["lora"] = lora
@@ -319,20 +368,28 @@ def lora_bench(cfg: BenchConfig, pipes: dict[str, Any], size: tuple[int, int], a
     return out
 
 
-def _open_baseline(artifacts: Path, cfg: BenchConfig) -> tuple[Any, float]:
+def _open_baseline(artifacts: Path, cfg: BenchConfig, bf16: bool = False) -> tuple[Any, float]:
+    """diffusers on the export's weights; ``bf16``: every module cast to torch.bfloat16, which is
+    what ``from_pretrained(..., torch_dtype=torch.bfloat16)`` does to the same weights."""
     import torch
 
     from .baseline import DiffusersBaseline, load_reference_model
 
     t0 = time.perf_counter()
     model = load_reference_model(artifacts)
+    if bf16:
+        for part in ("text_encoder", "text_encoder_2", "unet", "vae", "refiner_unet"):
+            module = getattr(model, part, None)
+            if module is not None:
+                module.to(torch.bfloat16)
     device = _resolve_device(cfg.baseline_device)
     base = DiffusersBaseline(model)
     if device != "cpu":
         base.base.to(device)
         if base.refiner is not None:
             base.refiner.to(device)
-    log.info("baseline: diffusers eager fp32 on %s (%d torch threads)", device, torch.get_num_threads())
+    log.info("baseline: diffusers eager %s on %s (%d torch threads)", "bf16" if bf16 else "fp32", device,
+             torch.get_num_threads())
     return base, time.perf_counter() - t0
 
 
@@ -351,7 +408,7 @@ def _run_baseline(base: Any, cfg: BenchConfig, prompts: list[str], height: int, 
     return time.perf_counter() - t0, out
 
 
-def _run_case(cfg: BenchConfig, pipes: dict[str, Any], baseline: Any, height: int, width: int,
+def _run_case(cfg: BenchConfig, pipes: dict[str, Any], baselines: dict[str, Any], height: int, width: int,
               batch: int) -> dict[str, Any]:
     prompts = [cfg.prompt] * batch
     log.info("case %dx%d batch %d: %d warm-up + %d interleaved runs per side", height, width, batch,
@@ -359,12 +416,11 @@ def _run_case(cfg: BenchConfig, pipes: dict[str, Any], baseline: Any, height: in
     for _ in range(cfg.warmup):
         for pipe in pipes.values():
             _run_ours(pipe, cfg, prompts, height, width)
-        if baseline is not None:
-            _run_baseline(baseline, cfg, prompts, height, width)
-    sides = {name: Side(name) for name in pipes}
-    if baseline is not None:
-        sides[BASELINE] = Side(BASELINE)
+        for base in baselines.values():
+            _run_baseline(base, cfg, prompts, height, width)
+    sides = {name: Side(name) for name in [*pipes, *baselines]}
     parity: dict[str, Any] = {}
+    first: dict[str, Any] = {}  # every side's outputs of the first measured round
     for r in range(cfg.runs):
         outputs: dict[str, Any] = {}
         for name, pipe in pipes.items():
@@ -372,21 +428,60 @@ def _run_case(cfg: BenchConfig, pipes: dict[str, Any], baseline: Any, height: in
                 total, out = _run_ours(pipe, cfg, prompts, height, width)
             sides[name].add(total, out.timings.stages)
             outputs[name] = out
-        if baseline is not None:
-            with sides[BASELINE].memory.window():
-                total, ref = _run_baseline(baseline, cfg, prompts, height, width)
-            sides[BASELINE].add(total, ref.timings.stages)
-            if r == 0:
-                parity = {name: _parity(out, ref) for name, out in outputs.items()}
+        for name, base in baselines.items():
+            with sides[name].memory.window():
+                total, ref = _run_baseline(base, cfg, prompts, height, width)
+            sides[name].add(total, ref.timings.stages)
+            outputs[name] = ref
+        if r == 0:
+            first = outputs
+            if BASELINE in outputs:
+                parity = {name: _parity(outputs[name], outputs[BASELINE]) for name in pipes}
         log.info("round %d/%d: %s", r + 1, cfg.runs,
                  ", ".join(f"{n} {s.totals[-1] * 1e3:.0f} ms" for n, s in sides.items()))
     case: dict[str, Any] = {"height": height, "width": width, "bucket": f"{height}x{width}", "batch": batch,
                             "results": {name: side.to_dict(batch) for name, side in sides.items()}}
-    if baseline is not None:
+    if BASELINE in baselines:
         ref_side = sides[BASELINE]
-        case["speedup_vs_baseline"] = {name: _speedup(sides[name], ref_side) for name in pipes}
+        case["speedup_vs_baseline"] = {name: _speedup(sides[name], ref_side) for name in sides if name != BASELINE}
         case["parity"] = parity
+        case["fidelity"] = _fidelity(cfg, first)
+    if BASELINE_BF16 in baselines:
+        case["speedup_vs_diffusers_bf16"] = {name: _speedup(sides[name], sides[BASELINE_BF16]) for name in pipes}
     return case
+
+
+def _fidelity(cfg: BenchConfig, outputs: dict[str, Any]) -> dict[str, Any]:
+    """Every side's first-round images against diffusers' fp32 ones (PSNR, max pixel diff in 1/255), and
+    the gate of :mod:`sdxl_export.runtime.fidelity` for each reduced-precision variant of ours: its PSNR
+    at least diffusers' bf16 PSNR minus 1 dB, nothing NaN (``gate`` is None without a bf16 baseline)."""
+    from ..runtime.fidelity import fidelity_gate, psnr
+
+    ref = np.asarray(outputs[BASELINE].images, dtype=np.float64)
+    reduced = {v.name for v in cfg.variants if v.precision != "fp32"}
+    out: dict[str, Any] = {}
+    for name, o in outputs.items():
+        if name == BASELINE:
+            continue
+        images = np.asarray(o.images, dtype=np.float64)
+        if images.shape != ref.shape:
+            out[name] = {"comparable": False, "why": f"image shapes {images.shape} vs {ref.shape}"}
+            continue
+        p = psnr(images, ref)
+        rec: dict[str, Any] = {
+            "comparable": True, "psnr_db": None if math.isnan(p) else p,
+            "max_pixel_diff_255": float(np.nanmax(np.abs(images - ref))) * 255,
+            "finite": bool(np.all(np.isfinite(images))),
+        }
+        if name in reduced:
+            if BASELINE_BF16 in outputs:
+                gate = fidelity_gate(images, np.asarray(outputs[BASELINE_BF16].images, np.float64), ref)
+                rec["gate"] = gate.to_dict()
+                rec["gate_passed"] = gate.passed
+            else:
+                rec["gate"], rec["gate_passed"] = None, None
+        out[name] = rec
+    return out
 
 
 def _parity(ours: Any, ref: Any) -> dict[str, Any]:
@@ -434,10 +529,17 @@ def _result(cfg: BenchConfig, started: dict[str, Any], artifacts: Path, build_ti
         "notes": [RSS_NOTE],
     }
     if cfg.baseline != "none":
+        sides = [v.name for v in cfg.variants] + ([BASELINE_BF16] if cfg.baseline_bf16 else [])
         result["speedup_vs_baseline"] = {
-            v.name: _geomean([c["speedup_vs_baseline"][v.name]["end_to_end_p50"] for c in cases])
-            for v in cfg.variants
+            name: _geomean([c["speedup_vs_baseline"][name]["end_to_end_p50"] for c in cases]) for name in sides
         }
+        if cfg.baseline_bf16:
+            result["speedup_vs_diffusers_bf16"] = {
+                v.name: _geomean([c["speedup_vs_diffusers_bf16"][v.name]["end_to_end_p50"] for c in cases])
+                for v in cfg.variants
+            }
+            gated = [f for c in cases for f in c["fidelity"].values() if f.get("gate_passed") is not None]
+            result["fidelity_gate_passed"] = all(f["gate_passed"] for f in gated) if gated else None
     return result
 
 

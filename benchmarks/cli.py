@@ -62,6 +62,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--baseline", choices=("diffusers", "none"), default=None,
                    help="diffusers: its own pipelines on the same weights, interleaved (default); none")
     p.add_argument("--baseline-device", default=None, help="device of the diffusers baseline (default auto)")
+    p.add_argument("--baseline-bf16", action="store_true",
+                   help="also run diffusers' pipelines in torch.bfloat16 (side diffusers-bf16), interleaved, and "
+                   "gate reduced-precision variants' images against it (PSNR vs diffusers fp32)")
     p.add_argument("--torch-threads", type=int, default=None, metavar="N",
                    help="torch intra-op threads during the benchmark (default: torch's, one per core)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default 5.0)")
@@ -119,6 +122,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
     cfg = replace(cfg, **{k: v for k, v in simple.items() if v is not None})
     if args.no_build:
         cfg = replace(cfg, build=False)
+    if args.baseline_bf16:
+        cfg = replace(cfg, baseline_bf16=True)
+    if args.baseline == "none":
+        cfg = replace(cfg, baseline_bf16=False)
     if args.no_refiner:
         cfg = replace(cfg, use_refiner=False)
     if args.batch_sizes is not None:

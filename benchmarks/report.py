@@ -13,7 +13,7 @@ from typing import Any
 
 from ..artifacts import atomic_write_bytes
 from ..errors import OutputDirError
-from .bench import BASELINE, SCHEMA
+from .bench import BASELINE, BASELINE_BF16, SCHEMA
 
 #: Stage columns of the table: (stage key, header). UNet stages are per step.
 STAGE_COLUMNS = (
@@ -48,9 +48,17 @@ def markdown_table(result: dict[str, Any]) -> str:
     """One row per (case, side): latency percentiles, throughput, stages, overhead, memory, speedup."""
     head = ["bucket", "batch", "side", "p50 ms", "p90 ms", "p99 ms", "mean ± std ms", "img/s",
             *(h for _, h in STAGE_COLUMNS), "overhead", "RSS MB", "speedup"]
+    with_bf16 = any("speedup_vs_diffusers_bf16" in c for c in result["cases"])
+    with_fidelity = any("fidelity" in c for c in result["cases"])
+    if with_bf16:
+        head.append(f"vs {BASELINE_BF16}")
+    if with_fidelity:
+        head += ["PSNR dB vs fp32", "max diff /255"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for case in result["cases"]:
         speed = case.get("speedup_vs_baseline", {})
+        speed_bf16 = case.get("speedup_vs_diffusers_bf16", {})
+        fid = case.get("fidelity", {})
         for side, r in case["results"].items():
             e = r["end_to_end"]
             stages = r["stages"]
@@ -60,14 +68,43 @@ def markdown_table(result: dict[str, Any]) -> str:
             cells += [f"{r['overhead']['fraction_p50'] * 100:.2f}%", _fmt(r["memory"]["rss_peak_mb"], 0)]
             s = speed.get(side, {}).get("end_to_end_p50")
             cells.append("1.00x (baseline)" if side == BASELINE else f"{s:.2f}x" if s else "-")
+            if with_bf16:
+                s2 = speed_bf16.get(side, {}).get("end_to_end_p50")
+                cells.append("1.00x" if side == BASELINE_BF16 else f"{s2:.2f}x" if s2 else "-")
+            if with_fidelity:
+                f = fid.get(side, {})
+                if side == BASELINE:
+                    cells += ["(reference)", "0"]
+                else:
+                    cells += [_psnr(f.get("psnr_db")) if f.get("comparable") else "-",
+                              _fmt(f.get("max_pixel_diff_255"), 2)]
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *summary_lines(result)]
     return "\n".join(lines)
 
 
+def _psnr(x: float | None) -> str:
+    return "NaN" if x is None else "inf" if x == float("inf") else f"{x:.2f}"
+
+
 def summary_lines(result: dict[str, Any]) -> list[str]:
-    """Parity, build times and the machine, one line each, under the table."""
+    """Parity, the fidelity gate, build times and the machine, one line each, under the table."""
     out = []
+    for case in result["cases"]:
+        for side, f in case.get("fidelity", {}).items():
+            gate = f.get("gate")
+            if gate is not None:
+                out.append(f"- fidelity gate {case['bucket']} b{case['batch']} {side}: "
+                           f"{'PASSED' if f['gate_passed'] else 'FAILED'} -- PSNR vs diffusers fp32 "
+                           f"{_psnr(gate['psnr_ours'])} dB (max diff {gate['max_pixel_diff_ours']:.1f}/255), "
+                           f"{BASELINE_BF16} {_psnr(gate['psnr_diffusers'])} dB (max diff "
+                           f"{gate['max_pixel_diff_diffusers']:.1f}/255), margin {gate['margin_db']} dB")
+    if result.get("speedup_vs_diffusers_bf16"):
+        overall = result.get("speedup_vs_baseline", {})
+        for side, s in result["speedup_vs_diffusers_bf16"].items():
+            s1 = overall.get(side)
+            out.append(f"- {side}: {_fmt(s1, 2)}x diffusers fp32, {_fmt(s, 2)}x {BASELINE_BF16} (end-to-end p50, "
+                       "geometric mean over cases)")
     for case in result["cases"]:
         for side, p in case.get("parity", {}).items():
             if p.get("comparable"):

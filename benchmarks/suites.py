@@ -2,7 +2,9 @@
 
 ``tiny``   smoke test: proves the benchmark runs end to end (the test suite runs it).
 ``small``  the CPU benchmark whose table goes in the README: 512x512, 20 steps,
-           base+refiner (denoising_end 0.8), guidance 5.0, Euler, vs diffusers eager fp32.
+           base+refiner (denoising_end 0.8), guidance 5.0, Euler: ONNX Runtime, OpenVINO fp32
+           and OpenVINO bf16 (engines built with ``--precision bf16`` into their own folder)
+           vs diffusers eager fp32 and diffusers eager bf16, with the bf16 fidelity gate.
 ``sdxl``   full-size architecture with random weights, GPU only: TensorRT and the torch
            backend vs diffusers on the GPU, over three SDXL buckets.
 
@@ -52,6 +54,16 @@ def _torch_gpu_variants() -> list[Variant]:
     ]
 
 
+def _cpu_variants() -> list[Variant]:
+    """ONNX Runtime, and OpenVINO from its fp32 and its bf16 engine builds (two engine sets:
+    ``build --backend openvino`` and ``build --backend openvino --precision bf16``, the VAE fp32)."""
+    return [
+        Variant("onnxruntime", backend="onnxruntime", device="cpu"),
+        Variant("openvino-fp32", backend="openvino", device="cpu"),
+        Variant("openvino-bf16", backend="openvino", device="cpu", precision="bf16"),
+    ]
+
+
 SUITES: dict[str, Suite] = {
     "tiny": Suite(
         "tiny", "smoke test of the benchmark itself (seconds)",
@@ -59,9 +71,10 @@ SUITES: dict[str, Suite] = {
                             runs=2, warmup=1),
     ),
     "small": Suite(
-        "small", "CPU: 512x512, 20 steps, base+refiner, guidance 5 vs diffusers eager fp32 (minutes)",
-        lambda: BenchConfig(model="small", variants=[Variant("onnxruntime", backend="onnxruntime", device="cpu")],
-                            steps=20, runs=5, warmup=1, baseline_device="cpu"),
+        "small", "CPU: 512x512, 20 steps, base+refiner, guidance 5: ONNX Runtime, OpenVINO fp32/bf16 vs "
+        "diffusers eager fp32 and bf16 (minutes)",
+        lambda: BenchConfig(model="small", variants=_cpu_variants(), steps=20, runs=5, warmup=1,
+                            baseline_device="cpu", baseline_bf16=True),
     ),
     "small-gpu": Suite(
         "small-gpu", "GPU: the small preset, torch eager / CUDA graphs fp32 / CUDA graphs fp16 vs diffusers "
