@@ -20,6 +20,7 @@ passed on), so a pickle is never unpickled.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import threading
@@ -103,7 +104,17 @@ def resolve_lora(name: str | Path, lora_dir: str | Path | None = None) -> LoraFi
     if found.suffix.lower() != ".safetensors" or head.startswith(_PICKLE_MAGIC):
         raise InvalidLoraError(f"LoRA {found} is not a safetensors file (pickle checkpoints can run code)",
                                "convert it to .safetensors (or download the .safetensors version)")
-    return LoraFile(found.resolve(), sha256_file(found))
+    path = found.resolve()
+    st = path.stat()
+    return LoraFile(path, _content_hash(str(path), st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=256)
+def _content_hash(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a LoRA file, hashed once per (path, size, mtime): a call or a served batch that
+    names a LoRA resolves it every time, and hashing a 200 MB file each time would cost more
+    than the switch. A rewritten file has a new size or mtime, so it is hashed again."""
+    return sha256_file(Path(path))
 
 
 def lora_deltas(lora: LoraFile, configs: Mapping[str, Any]) -> Deltas:
