@@ -119,6 +119,17 @@ def open_twin(path: Path, session_options: dict[str, Any]) -> Any:
     return ort.InferenceSession(str(path), sess_options=so, providers=list(session_options["providers"]))
 
 
+def reference_outputs(source: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The exported graph's outputs in ONNX Runtime on the CPU with every optimisation off: the
+    reference a built engine (the twin, an OpenVINO IR) is checked against."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    return list(ort.InferenceSession(str(source), sess_options=so, providers=list(PROVIDERS)).run(None, feeds))
+
+
 def check_parity(source: Path, twin: Path, spec: ComponentSpec, shape: tuple[int, int, int],
                  session_options: dict[str, Any]) -> dict[str, Any]:
     """Run source and twin graphs on the same inputs; raise if they differ beyond the spec's tolerance.
@@ -126,14 +137,10 @@ def check_parity(source: Path, twin: Path, spec: ComponentSpec, shape: tuple[int
     Graph fusions reorder float arithmetic, so the twin is held to the same tolerance the
     export is held to against PyTorch.
     """
-    import onnxruntime as ort
 
     t0 = time.perf_counter()
     feeds = spec.example_inputs(*shape, seed=1)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    ref = ort.InferenceSession(str(source), sess_options=so, providers=list(PROVIDERS)).run(None, feeds)
+    ref = reference_outputs(source, feeds)
     got = open_twin(twin, session_options).run(None, feeds)
     errors: dict[str, float] = {}
     tol = spec.tolerance

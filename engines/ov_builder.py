@@ -176,14 +176,11 @@ def check_parity(source: Path, xml: Path, spec: ComponentSpec, shape: tuple[int,
     :data:`BF16_REL_TOL` relative to the output's scale, and never NaN. Compiling here also
     fills the cache dir for the runtime.
     """
-    import onnxruntime as ort
+    from .ort_builder import reference_outputs
 
     t0 = time.perf_counter()
     feeds = spec.example_inputs(*shape, seed=1)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    ref = ort.InferenceSession(str(source), sess_options=so, providers=["CPUExecutionProvider"]).run(None, feeds)
+    ref = reference_outputs(source, feeds)
     compiled = compile_ir(xml, config)
     request = compiled.create_infer_request()
     result = request.infer(feeds)
