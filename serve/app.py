@@ -13,7 +13,6 @@ request id; logged with its traceback; the replica goes on serving).
 
 from __future__ import annotations
 
-import base64
 import hmac
 import json
 import logging
@@ -424,7 +423,3 @@ def build_app(get_service: Callable[[], ImageService | None], config: ServeConfi
     app.state.started = time.time()
     return app
 
-
-def b64_png_bytes(b64: str) -> bytes:
-    """Decode a base64 PNG from a response (tests, the load generator)."""
-    return base64.b64decode(b64)

@@ -215,11 +215,6 @@ class EmbeddedBatcher:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self.running = 0  # images in the batch the worker is running now
-
-    @property
-    def waiting(self) -> int:
-        return len(self._pending)
 
     def start(self) -> None:
         if self._task is None:
@@ -249,14 +244,11 @@ class EmbeddedBatcher:
             batch = await self._collect()
             if not batch:
                 continue
-            self.running = len(batch)
             loop = asyncio.get_running_loop()
             try:
                 results = await loop.run_in_executor(self._executor, self._execute, [j for j, _ in batch])
             except BaseException as exc:  # noqa: BLE001 - the worker itself failed: fail these jobs
                 results = [exc] * len(batch)
-            finally:
-                self.running = 0
             for (_, fut), res in zip(batch, results):
                 if fut.done():
                     continue
