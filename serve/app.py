@@ -248,8 +248,11 @@ def build_app(get_service: Callable[[], ImageService | None], config: ServeConfi
         raw = await request.body()
         # JSON of up to --max-body-mb and image decoding: in a thread, off the event loop
         parsed = await run_in_threadpool(lambda: parse(_loads(raw), svc))
-        jobs = svc.make_jobs(parsed.prompts, parsed.negatives, parsed.seeds, request_id=rid(request),
-                             images=parsed.images, **parsed.kwargs)
+        request_id = rid(request)
+        # the checks preprocess an input image (img2img): off the event loop too
+        jobs = await run_in_threadpool(lambda: svc.make_jobs(parsed.prompts, parsed.negatives, parsed.seeds,
+                                                             request_id=request_id, images=parsed.images,
+                                                             **parsed.kwargs))
         p = jobs[0].params
         access = request.scope["state"]["access"]
         access.update(size=f"{p.width}x{p.height}", steps=p.steps, images=len(jobs))
