@@ -73,7 +73,8 @@ def resolve_backend(name: str, store: Any | None = None) -> str:
 
     ``store`` is the artifact folder's :class:`~sdxl_export.engines.store.EngineStore` (None
     without ``engines/``). ``auto``: TensorRT when the store holds TensorRT engines and
-    TensorRT is usable here (else a warning saying why not), otherwise ONNX Runtime.
+    TensorRT is usable here (else a warning saying why not), then OpenVINO when it holds
+    OpenVINO engines on a machine without a CUDA GPU, otherwise ONNX Runtime.
     """
     if name == "auto":
         entries = getattr(store, "entries", None) or {}
