@@ -30,7 +30,7 @@ import torch
 
 from ..errors import ArtifactError, MissingComponentError
 from ..runtime.timing import StageTimings
-from ..runtime.torch_backend import module_class
+from ..runtime.backends.torch import module_class
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ and every profile run against the ONNX in ONNX Runtime (:mod:`.trt_accuracy`).
 
 Refittable plans (``--refittable``): polygraphy's ``CreateConfig(refittable=True)`` sets
 ``BuilderFlag.REFIT``, so every weight stays refittable and
-:meth:`~sdxl_export.runtime.tensorrt_runner.TensorRTRunner.set_weights` can switch LoRAs at
+:meth:`~sdxl_export.runtime.backends.tensorrt.runner.TensorRTRunner.set_weights` can switch LoRAs at
 run time through ``trt.Refitter`` without a rebuild. Off by default: TensorRT cannot
 constant-fold or pre-fuse weights it must be able to replace, so such a plan may be a little
 slower. The related flags are deliberately not offered:

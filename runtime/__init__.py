@@ -5,8 +5,11 @@
     out = pipe("a lighthouse at dawn", seed=0)
     out.images[0].save("out.png"); print(out.timings.summary_lines())
 
-Names are imported lazily, so ``import sdxl_export.runtime.backend`` (what every backend
-does) does not pull in diffusers and the pipeline.
+Two sides: the sampling core here (:mod:`.pipeline`, :mod:`.schedulers`, :mod:`.prompts`,
+:mod:`.request`, :mod:`.img2img`) and the engines it drives in :mod:`.backends` (a module or
+package per backend, the CUDA machinery in :mod:`.backends.cuda`). Names are imported lazily, so
+``import sdxl_export.runtime.backends.base`` (what every backend does) pulls in neither diffusers
+nor the pipeline.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ _EXPORTS = {
     "StageTimings": "timing",
     "scheduler_names": "schedulers",
     "read_artifacts": "artifact_reader",
-    "ComponentRunner": "backend",
+    "ComponentRunner": "backends.base",
     "resolve_backend": "backends",
 }
 

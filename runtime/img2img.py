@@ -26,7 +26,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..errors import InvalidImageError, NumericalError
-from .backend import ComponentRunner
+from .backends.base import ComponentRunner
 
 log = logging.getLogger(__name__)
 

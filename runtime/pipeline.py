@@ -42,7 +42,7 @@ from ..buckets import nearest_bucket
 from ..errors import ArtifactError, MissingComponentError, NumericalError, UnsupportedShapeError
 from . import img2img
 from .artifact_reader import REQUIRED_COMPONENTS, Artifacts, export_fix, read_artifacts
-from .backend import ComponentRunner
+from .backends.base import ComponentRunner
 from .backends import ComponentContext, create_runner, resolve_backend
 from .prompts import EncodedPrompts, PromptEncoder
 from .request import SampleRequest, check_img2img, check_request, repeat_per_image
@@ -89,7 +89,7 @@ def choose_device(device: str, backend: str) -> str:
     if backend == "openvino":
         return "cpu"
     if backend == "onnxruntime":
-        from .onnxruntime_backend import cuda_available
+        from .backends.onnxruntime import cuda_available
 
         return "cuda" if cuda_available() else "cpu"
     return "cuda" if torch.cuda.is_available() else "cpu"

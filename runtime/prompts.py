@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..specs import MAX_TOKENS
-from .backend import ComponentRunner
+from .backends.base import ComponentRunner
 from .timing import StageTimings
 
 log = logging.getLogger(__name__)

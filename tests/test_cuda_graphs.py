@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 from sdxl_export.errors import InvalidRequestError
-from sdxl_export.runtime.cuda_graphs import GraphCache, GraphCaptureError, LRUCache, shape_signature
+from sdxl_export.runtime.backends.cuda.graphs import GraphCache, GraphCaptureError, LRUCache, shape_signature
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -9,7 +9,7 @@ from sdxl_export.engines.planner import plan_profiles
 from sdxl_export.engines.sources import specs_for_plan
 from sdxl_export.engines.store import EngineEntry
 from sdxl_export.errors import InvalidRequestError
-from sdxl_export.runtime import tensorrt_runner
+from sdxl_export.runtime.backends.tensorrt import runner as tensorrt_runner
 from sdxl_export.runtime.backends import ComponentContext, backend_available
 
 
@@ -62,7 +62,7 @@ def trt_build(tmp_path_factory):
 
 
 def _runners(out, e, **options):
-    from sdxl_export.runtime.onnxruntime_backend import create as create_ort
+    from sdxl_export.runtime.backends.onnxruntime import create as create_ort
 
     ctx = ComponentContext(artifacts=out, name="unet", spec=e.spec, export_entry={}, engine_entry=e, device="cuda",
                            options=options)
@@ -139,7 +139,7 @@ def test_tensorrt_refit_matches_onnxruntime_on_changed_weights(tmp_path_factory)
     from onnx import numpy_helper
     from sdxl_export.engines.build import BuildOptions, build
     from sdxl_export.engines.store import load_engine_store
-    from sdxl_export.runtime.onnxruntime_backend import create as create_ort
+    from sdxl_export.runtime.backends.onnxruntime import create as create_ort
 
     out = tmp_path_factory.mktemp("trt-refit") / "art"
     build(BuildOptions(out=out, backend="tensorrt", buckets="256x256", batch_sizes=(1,), refittable=True))

@@ -27,8 +27,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The modules that call TensorRT's API, or run TensorRT objects (executor, lanes, accuracy).
-TRT_MODULES = ["tensorrt_env.py", "engines/trt_builder.py", "engines/trt_accuracy.py", "runtime/tensorrt_runner.py",
-               "runtime/trt_exec.py", "runtime/trt_refit.py", "runtime/lanes.py"]
+TRT_MODULES = ["tensorrt_env.py", "engines/trt_builder.py", "engines/trt_accuracy.py", "runtime/backends/tensorrt/runner.py",
+               "runtime/backends/tensorrt/execution.py", "runtime/backends/tensorrt/refit.py", "runtime/backends/cuda/lanes.py"]
 
 MYPY_INI = """\
 [mypy]

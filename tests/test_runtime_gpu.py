@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from sdxl_export.runtime import SDXLPipeline
-from sdxl_export.runtime.onnxruntime_backend import OrtRunner, cuda_available
+from sdxl_export.runtime.backends.onnxruntime import OrtRunner, cuda_available
 
 pytestmark = pytest.mark.gpu
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import torch
-from sdxl_export.runtime.onnxruntime_backend import OrtRunner, auto_lanes, physical_cores
+from sdxl_export.runtime.backends.onnxruntime import OrtRunner, auto_lanes, physical_cores
 from sdxl_export.specs import ComponentSpec
 
 

@@ -15,8 +15,8 @@ import torch
 from sdxl_export.buckets import buckets_for
 from sdxl_export.errors import InputMismatchError, NumericalError
 from sdxl_export.runtime import SDXLPipeline
-from sdxl_export.runtime.backend import ComponentRunner, RunnerClosedError
-from sdxl_export.runtime.onnxruntime_backend import OrtRunner, _numpy_view
+from sdxl_export.runtime.backends.base import ComponentRunner, RunnerClosedError
+from sdxl_export.runtime.backends.onnxruntime import OrtRunner, _numpy_view
 
 STEPS = 3
 LONG_PROMPT = " ".join(["a very detailed intricate baroque painting of a cathedral"] * 12)

@@ -18,8 +18,8 @@ from sdxl_export.errors import (
     InvalidRequestError,
     MissingComponentError,
 )
-from sdxl_export.runtime import torch_backend
-from sdxl_export.runtime.backend import RunnerClosedError
+from sdxl_export.runtime.backends import torch as torch_backend
+from sdxl_export.runtime.backends.base import RunnerClosedError
 from sdxl_export.runtime.backends import ComponentContext, backend_available, create_runner
 from sdxl_export.specs import COMPONENTS, ComponentSpec
 

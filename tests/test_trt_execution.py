@@ -29,9 +29,9 @@ import numpy as np
 import pytest
 import torch
 from sdxl_export.errors import InvalidRequestError
-from sdxl_export.runtime.backend import RunnerClosedError
-from sdxl_export.runtime.lanes import LanePool
-from sdxl_export.runtime.trt_exec import TensorRTCallError, TrtExecutor
+from sdxl_export.runtime.backends.base import RunnerClosedError
+from sdxl_export.runtime.backends.cuda.lanes import LanePool
+from sdxl_export.runtime.backends.tensorrt.execution import TensorRTCallError, TrtExecutor
 
 
 # ---- fakes of CUDA streams and TensorRT objects ----------------------------------------------------

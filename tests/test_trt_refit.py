@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 import torch
 from sdxl_export.errors import BackendUnavailableError, InvalidLoraError, WeightMismatchError
-from sdxl_export.runtime.cuda_graphs import GraphCache
-from sdxl_export.runtime.lanes import LanePool
-from sdxl_export.runtime.trt_exec import TensorRTCallError
-from sdxl_export.runtime.trt_refit import RefitFailedError, refit_engine
+from sdxl_export.runtime.backends.cuda.graphs import GraphCache
+from sdxl_export.runtime.backends.cuda.lanes import LanePool
+from sdxl_export.runtime.backends.tensorrt.execution import TensorRTCallError
+from sdxl_export.runtime.backends.tensorrt.refit import RefitFailedError, refit_engine
 from test_trt_execution import FakeEngine as FakeExecEngine
 from test_trt_execution import FakeOps, executor
 

@@ -21,7 +21,7 @@ Options (``ComponentContext.options``):
     passes it.
 ``cuda_graphs``
     ``True`` to capture each call in a CUDA graph per input shape and replay it
-    (:class:`~sdxl_export.runtime.cuda_graphs.GraphCache`); CUDA only. Outputs are clones.
+    (:class:`~sdxl_export.runtime.backends.cuda.graphs.GraphCache`); CUDA only. Outputs are clones.
 ``max_graphs``
     How many shapes keep a captured graph (least recently used evicted), default 8.
 ``verify``
@@ -47,17 +47,17 @@ from typing import Any
 
 import torch
 
-from ..artifacts import EXPORT_MANIFEST, FORMAT_EXPORT, read_manifest, verify_files
-from ..errors import (
+from ...artifacts import EXPORT_MANIFEST, FORMAT_EXPORT, read_manifest, verify_files
+from ...errors import (
     ArtifactError,
     BackendUnavailableError,
     InvalidRequestError,
     MissingComponentError,
     WeightMismatchError,
 )
-from .backend import ComponentRunner, RunnerClosedError
-from .backends import ComponentContext
-from .cuda_graphs import DEFAULT_MAX_GRAPHS, GraphCache
+from .base import ComponentRunner, RunnerClosedError
+from .registry import ComponentContext
+from .cuda.graphs import DEFAULT_MAX_GRAPHS, GraphCache
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ def _device(name: str) -> torch.device:
 
 def _wrap(component: str, model: torch.nn.Module) -> torch.nn.Module:
     """The spec-shaped wrapper of ``model`` for ``component`` (same wrappers the exporter traces)."""
-    from ..models.wrappers import TextEncoderWrapper, UNetWrapper, VAEDecoderWrapper, VAEEncoderWrapper
+    from ...models.wrappers import TextEncoderWrapper, UNetWrapper, VAEDecoderWrapper, VAEEncoderWrapper
 
     if component == "text_encoder":
         return TextEncoderWrapper(model, pooled=False)

@@ -24,10 +24,10 @@ Rules it enforces (see :mod:`.lanes` for lanes, streams and scratch):
 * **Every TensorRT return value is checked** (``set_optimization_profile_async``,
   ``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``), as polygraphy's
   ``TrtRunner`` does; a False is a :class:`TensorRTCallError` naming the call.
-* CUDA graphs: each context has its own one-graph :class:`~.cuda_graphs.GraphCache`
+* CUDA graphs: each context has its own one-graph :class:`~..cuda.graphs.GraphCache`
   (the same machinery as the PyTorch backend's); a shape that cannot be captured runs
   eagerly (logged once). ``cuda_graphs=False`` runs every call eagerly.
-* **Refit** (:mod:`.trt_refit`): :meth:`TrtExecutor.exclusive` waits for the calls in flight
+* **Refit** (:mod:`.refit`): :meth:`TrtExecutor.exclusive` waits for the calls in flight
   and holds new ones back while the engine's weights change; :meth:`TrtExecutor.drop_graphs`
   then drops every captured graph (TensorRT keeps contexts valid across a refit but says
   nothing about graphs captured before it, which freeze kernel parameters), keeping contexts.
@@ -49,10 +49,10 @@ from typing import Any
 
 import torch
 
-from ..errors import BackendUnavailableError, InvalidRequestError
-from .backend import RunnerClosedError
-from .cuda_graphs import DEFAULT_MAX_GRAPHS, GraphCache, GraphStats, LRUCache
-from .lanes import Lane, LanePool
+from ....errors import BackendUnavailableError, InvalidRequestError
+from ..base import RunnerClosedError
+from ..cuda.graphs import DEFAULT_MAX_GRAPHS, GraphCache, GraphStats, LRUCache
+from ..cuda.lanes import Lane, LanePool
 
 log = logging.getLogger(__name__)
 

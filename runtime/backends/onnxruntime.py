@@ -39,16 +39,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import (
+from ...errors import (
     BackendUnavailableError,
     CorruptArtifactError,
     InvalidRequestError,
     MissingComponentError,
     WeightMismatchError,
 )
-from ..specs import ComponentSpec
-from .backend import ComponentRunner
-from .backends import ComponentContext
+from ...specs import ComponentSpec
+from .base import ComponentRunner
+from .registry import ComponentContext
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ class OrtRunner(ComponentRunner):
         import onnxruntime as ort
 
         if self._session is None:
-            from .backend import RunnerClosedError
+            from .base import RunnerClosedError
 
             raise RunnerClosedError(f"{self.spec.name} ({NAME}) is not open", "call open() first")
         shapes = self._graph_initializers()
@@ -331,7 +331,7 @@ class OrtRunner(ComponentRunner):
         """An ORT twin built over fixed profiles serves exactly what its TensorRT twin would."""
         entry = self.engine_entry
         if entry is not None and getattr(entry, "profiles", None):
-            from ..engines.store import select_profile
+            from ...engines.store import select_profile
 
             select_profile(entry, self.spec.input_shapes(batch, height, width))
 

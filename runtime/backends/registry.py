@@ -17,20 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BackendUnavailableError, InvalidRequestError
-from ..specs import ComponentSpec
+from ...errors import BackendUnavailableError, InvalidRequestError
+from ...specs import ComponentSpec
 
 if TYPE_CHECKING:
-    from .backend import ComponentRunner
+    from .base import ComponentRunner
 
 log = logging.getLogger(__name__)
 
 #: name -> module implementing available()/create().
 BACKENDS: dict[str, str] = {
-    "tensorrt": "sdxl_export.runtime.tensorrt_runner",
-    "onnxruntime": "sdxl_export.runtime.onnxruntime_backend",
-    "openvino": "sdxl_export.runtime.openvino_backend",
-    "torch": "sdxl_export.runtime.torch_backend",
+    "tensorrt": "sdxl_export.runtime.backends.tensorrt",
+    "onnxruntime": "sdxl_export.runtime.backends.onnxruntime",
+    "openvino": "sdxl_export.runtime.backends.openvino",
+    "torch": "sdxl_export.runtime.backends.torch",
 }
 
 

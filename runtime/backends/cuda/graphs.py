@@ -75,7 +75,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from ..errors import InvalidRequestError, SDXLExportError
+from ....errors import InvalidRequestError, SDXLExportError
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Loading is checked before deserializing (:meth:`EngineStore.verify` by the pipel
 TensorRT returns None for a plan of another version or GPU), then the plan is read once
 and deserialized by :func:`sdxl_export.tensorrt_env.deserialize_engine` (which allows the
 embedded lean runtime of a version-compatible plan). Execution follows the runtime's
-execution model (README "Execution model"; :mod:`.lanes`, :mod:`.trt_exec`):
+execution model (README "Execution model"; :mod:`..cuda.lanes`, :mod:`.execution`):
 
 * the engine (``ICudaEngine``) is shared by every thread; execution contexts are not:
   one per (lane, profile, input shapes), fixed at creation, ``USER_MANAGED`` and bound to
@@ -21,7 +21,7 @@ execution model (README "Execution model"; :mod:`.lanes`, :mod:`.trt_exec`):
   that cannot be captured runs eagerly (logged once).
 * run-time weights (:meth:`TensorRTRunner.set_weights`, LoRA switching): only for plans
   built ``--refittable``; keys are ONNX initializer names (``weight_keys = "onnx"``). The
-  refit itself is :func:`.trt_refit.refit_engine` (its docstring lists the TensorRT facts it
+  refit itself is :func:`.refit.refit_engine` (its docstring lists the TensorRT facts it
   relies on); around it the runner holds calls back, synchronises the device, and drops
   every captured CUDA graph afterwards (contexts stay valid).
 
@@ -40,14 +40,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import BackendUnavailableError, InvalidRequestError, StaleEngineError
-from ..tensorrt_env import deserialize_engine, load_tensorrt, trt_status
-from .backend import ComponentRunner, RunnerClosedError
-from .backends import ComponentContext
-from .cuda_graphs import DEFAULT_MAX_GRAPHS
-from .lanes import pool_for
-from .trt_exec import TrtExecutor
-from .trt_refit import RefitFailedError, refit_engine
+from ....errors import BackendUnavailableError, InvalidRequestError, StaleEngineError
+from ....tensorrt_env import deserialize_engine, load_tensorrt, trt_status
+from ..base import ComponentRunner, RunnerClosedError
+from ..registry import ComponentContext
+from ..cuda.graphs import DEFAULT_MAX_GRAPHS
+from ..cuda.lanes import pool_for
+from .execution import TrtExecutor
+from .refit import RefitFailedError, refit_engine
 
 if TYPE_CHECKING:  # pragma: no cover
     import tensorrt as trt
@@ -75,10 +75,10 @@ class TensorRTRunner(ComponentRunner):
     """One component's TensorRT plan.
 
     Thread sharing: one runner may be called from any number of threads at once; the
-    engine is shared, everything a call mutates is per lane (see :mod:`.trt_exec`).
+    engine is shared, everything a call mutates is per lane (see :mod:`.execution`).
     ``open``/``close`` are serialised by the base class's lock; ``close`` waits for calls
     in flight. ``set_weights`` is serialised by ``_weights_lock`` and runs inside the
-    executor's :meth:`~.trt_exec.TrtExecutor.exclusive` block (calls wait meanwhile);
+    executor's :meth:`~.execution.TrtExecutor.exclusive` block (calls wait meanwhile);
     ``_weights_unknown`` (set after a failed refit) and ``last_switch`` are written there.
     """
 
@@ -248,12 +248,12 @@ class TensorRTRunner(ComponentRunner):
 
     # ---- calls ----------------------------------------------------------------------------------
     def check_supported(self, batch: int, height: int, width: int) -> None:
-        from ..engines.store import select_profile
+        from ....engines.store import select_profile
 
         select_profile(self.entry, self.spec.input_shapes(batch, height, width))
 
     def _run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from ..engines.store import select_profile
+        from ....engines.store import select_profile
 
         executor = self._executor
         if executor is None:

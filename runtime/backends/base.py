@@ -25,8 +25,8 @@ else:  # pragma: no cover
 
 import torch
 
-from ..errors import BackendUnavailableError, SDXLExportError
-from ..specs import ComponentSpec
+from ...errors import BackendUnavailableError, SDXLExportError
+from ...specs import ComponentSpec
 
 
 class RunnerClosedError(SDXLExportError):

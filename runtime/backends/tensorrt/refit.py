@@ -1,7 +1,7 @@
 """Refitting a TensorRT engine's weights in place (run-time LoRA switching, ``--refittable`` plans).
 
 :func:`refit_engine` is what :meth:`TensorRTRunner.set_weights
-<sdxl_export.runtime.tensorrt_runner.TensorRTRunner.set_weights>` calls. It is plain Python
+<sdxl_export.runtime.backends.tensorrt.runner.TensorRTRunner.set_weights>` calls. It is plain Python
 over the ``tensorrt`` module, so its ordering and checks are tested on CPU with a fake
 ``tensorrt`` module (``tests/test_trt_refit.py``) and type-checked with mypy against
 ``tensorrt-stubs`` (``tests/test_engines_typecheck.py``).
@@ -35,7 +35,7 @@ TensorRT facts it relies on (TensorRT 10 Python API, ``tensorrt.Refitter``, and 
   kept. The documentation says nothing about CUDA graphs captured from ``enqueueV3`` before a
   refit, and a captured graph freezes every kernel's parameters; so the runner drops every
   captured graph after a refit (:meth:`TrtExecutor.drop_graphs
-  <sdxl_export.runtime.trt_exec.TrtExecutor.drop_graphs>`): the next call per shape runs
+  <sdxl_export.runtime.backends.tensorrt.execution.TrtExecutor.drop_graphs>`): the next call per shape runs
   eagerly and recaptures.
 
 Why a full rewrite each time: NVIDIA's diffusion demo refits only the weights the *new* LoRA
@@ -54,8 +54,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import BackendUnavailableError, InvalidLoraError, WeightMismatchError
-from .trt_exec import TensorRTCallError
+from ....errors import BackendUnavailableError, InvalidLoraError, WeightMismatchError
+from .execution import TensorRTCallError
 
 if TYPE_CHECKING:  # pragma: no cover
     import tensorrt as trt

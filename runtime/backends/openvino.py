@@ -40,11 +40,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CorruptArtifactError, InvalidRequestError
-from ..specs import ComponentSpec
-from .backend import ComponentRunner
-from .backends import ComponentContext
-from .onnxruntime_backend import _numpy_view  # the same zero-copy view (onnxruntime imported lazily there)
+from ...errors import CorruptArtifactError, InvalidRequestError
+from ...specs import ComponentSpec
+from .base import ComponentRunner
+from .registry import ComponentContext
+from .onnxruntime import _numpy_view  # the same zero-copy view (onnxruntime imported lazily there)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ KNOWN_OPTIONS = frozenset({"config"})
 
 
 def available() -> tuple[bool, str]:
-    from ..engines.ov_builder import ov_status
+    from ...engines.ov_builder import ov_status
 
     return ov_status()
 
@@ -67,7 +67,7 @@ class OvRunner(ComponentRunner):
                  cache_dir: Path | None = None, config: Mapping[str, Any] | None = None,
                  engine_entry: Any | None = None, source: str = "export"):
         super().__init__(spec)
-        from ..engines.ov_builder import compile_config
+        from ...engines.ov_builder import compile_config
 
         self.model_path = Path(model_path)
         self.precision = precision
@@ -110,7 +110,7 @@ class OvRunner(ComponentRunner):
         """An engine built over fixed profiles serves exactly what its TensorRT twin would."""
         entry = self.engine_entry
         if entry is not None and getattr(entry, "profiles", None):
-            from ..engines.store import select_profile
+            from ...engines.store import select_profile
 
             select_profile(entry, self.spec.input_shapes(batch, height, width))
 
@@ -156,9 +156,9 @@ def create(ctx: ComponentContext) -> OvRunner:
     config = dict(ctx.options.get("config") or {})
     entry = ctx.engine_entry
     if entry is not None and getattr(entry, "backend", None) == NAME:
-        from ..artifacts import ENGINE_DIR
-        from ..engines.ov_builder import CACHE_DIR
-        from ..engines.store import OV_DIR
+        from ...artifacts import ENGINE_DIR
+        from ...engines.ov_builder import CACHE_DIR
+        from ...engines.store import OV_DIR
 
         return OvRunner(ctx.spec, Path(entry.path), precision=entry.precision,
                         cache_dir=ctx.artifacts / ENGINE_DIR / OV_DIR / CACHE_DIR, config=config,
