@@ -50,6 +50,15 @@ class SampleRequest:
     image: torch.Tensor | None = None
     strength: float = 1.0
     refiner_only: bool = False
+    #: diffusers' ``eta`` (schedulers whose ``step`` takes it) and custom ``timesteps``/``sigmas``
+    eta: float = 0.0
+    timesteps: list[int] | None = None
+    sigmas: list[float] | None = None
+
+    @property
+    def custom_schedule(self) -> dict[str, Any]:
+        """The custom schedule as keyword arguments of :mod:`.schedulers`' timestep helpers."""
+        return {"timesteps": self.timesteps, "sigmas": self.sigmas}
 
     @property
     def batch(self) -> int:
