@@ -94,6 +94,21 @@ class BuildOptions:
     ort_optimization: str = ort_builder.DEFAULT_LEVEL
     opset: int = 17
     validate: bool = True
+    #: a UNet file/folder replacing the base UNet (``--unet``: Lightning, DMD2, ...)
+    unet: str | None = None
+    #: sampling defaults recorded in the manifest (``--default-steps/--default-guidance/
+    #: --default-scheduler``, ``--prediction-type``); None: not recorded
+    default_steps: int | None = None
+    default_guidance: float | None = None
+    default_scheduler: str | None = None
+    prediction_type: str | None = None
+
+    def sampling_defaults(self) -> Any:
+        """The checked :class:`~sdxl_export.runtime.model_defaults.ModelDefaults` to record."""
+        from ..runtime.model_defaults import ModelDefaults
+
+        return ModelDefaults.checked(self.default_steps, self.default_guidance, self.default_scheduler,
+                                     self.prediction_type)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -118,6 +133,12 @@ class BuildOptions:
             args += ["--refiner", o.refiner]
         if o.vae is not None:
             args += ["--vae", o.vae]
+        if o.unet is not None:
+            args += ["--unet", o.unet]
+        for flag, value in (("--default-steps", o.default_steps), ("--default-guidance", o.default_guidance),
+                            ("--default-scheduler", o.default_scheduler), ("--prediction-type", o.prediction_type)):
+            if value is not None:
+                args += [flag, str(value)]
         if o.precision != "fp32":
             args.append(f"--{o.precision}")
         if o.vae_precision != d.vae_precision:
@@ -367,7 +388,8 @@ def build(opts: BuildOptions) -> BuildReport:
         else:
             log.warning("precision: %s requested, but %s: building fp32", opts.precision, why)
     export_manifest = export_model(opts.model, opts.out, refiner=opts.refiner, with_refiner=opts.with_refiner,
-                                   opset=opts.opset, vae=opts.vae, loras=opts.loras)
+                                   opset=opts.opset, vae=opts.vae, loras=opts.loras, unet=opts.unet,
+                                   defaults=opts.sampling_defaults())
     root = Path(opts.out).resolve()
     plan = make_plan(opts, export_manifest)
     if backend == BACKEND_TRT:

@@ -261,6 +261,8 @@ def export_model(
     progress: Progress | None = None,
     vae: str | None = None,
     loras: Sequence[tuple[str | Path, float]] = (),
+    unet: str | None = None,
+    defaults: Any = None,
 ) -> dict[str, Any]:
     """Export every component of ``model`` into ``out_dir``; return the manifest.
 
@@ -274,10 +276,11 @@ def export_model(
     """
     check_opset(opset)
     source = ModelSource.from_model(model) if isinstance(model, SDXLModel) else resolve_source(
-        model, refiner=refiner, with_refiner=with_refiner, vae=vae)
+        model, refiner=refiner, with_refiner=with_refiner, vae=vae, unet=unet)
     out = Path(out_dir)
     previous = prepare_out_dir(out)  # refuse a foreign folder before creating or locking anything
     plan = ExportPlan(source, opset, validate, torch_weights, loras)
+    plan.defaults = defaults.to_dict() if defaults is not None else {}  # recorded sampling defaults
     with _writable_locked(out) as created:
         try:
             return _export(plan, out, previous, progress)
@@ -321,10 +324,11 @@ def _export(plan: ExportPlan, out: Path, previous: dict[str, Any] | None, progre
         "components": {n: kept[n] for n in plan.specs if n in kept},
         "assets": {a: kept_assets[a] for a in plan.asset_parts if a in kept_assets},
         "loras": plan.lora_records,
+        "defaults": plan.defaults,
     }
     if previous and previous.get("complete") and not (todo or unvalidated or assets_todo or stale or stale_assets):
-        same = {k: previous.get(k) for k in ("source", "vae", "opset", "loras")} == {
-            k: manifest[k] for k in ("source", "vae", "opset", "loras")}
+        same = {k: previous.get(k) or None for k in ("source", "vae", "opset", "loras", "defaults")} == {
+            k: manifest[k] or None for k in ("source", "vae", "opset", "loras", "defaults")}
         if same:
             log.info("%s is up to date (%d components, source %s %s): no export work done",
                      out, len(plan.specs), source.kind, source.id)

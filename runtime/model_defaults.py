@@ -22,6 +22,8 @@ from .schedulers import canonical_name, check_schedule_args
 
 #: What a call runs when neither the call nor the model says (diffusers' SDXL usage).
 BUILTIN_STEPS, BUILTIN_GUIDANCE, BUILTIN_SCHEDULER = 30, 5.0, "euler"
+#: diffusers' scheduler prediction types
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 @dataclass(frozen=True)
@@ -31,10 +33,17 @@ class ModelDefaults:
     steps: int | None = None
     guidance_scale: float | None = None
     scheduler: str | None = None
+    #: the base scheduler's ``prediction_type`` when the UNet was distilled for another one than the
+    #: model's config says (SDXL-Lightning's 1-step UNet predicts x0: ``"sample"``)
+    prediction_type: str | None = None
 
     @classmethod
-    def checked(cls, steps: Any = None, guidance_scale: Any = None, scheduler: Any = None) -> ModelDefaults:
+    def checked(cls, steps: Any = None, guidance_scale: Any = None, scheduler: Any = None,
+                prediction_type: Any = None) -> ModelDefaults:
         """Validated defaults (the build refuses bad ones before any work)."""
+        if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+            raise InvalidRequestError(f"unknown prediction type {prediction_type!r}",
+                                      f"use one of: {', '.join(PREDICTION_TYPES)}")
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise InvalidRequestError(f"default steps must be an integer >= 1, got {steps!r}",
                                       "pass --default-steps 4 (Lightning/Turbo: 1-8)")
@@ -45,12 +54,13 @@ class ModelDefaults:
                                       "pass --default-guidance 0 (few-step models) or e.g. 5.0")
         return cls(steps=None if steps is None else int(steps),
                    guidance_scale=None if guidance_scale is None else float(guidance_scale),
-                   scheduler=None if scheduler is None else canonical_name(scheduler))
+                   scheduler=None if scheduler is None else canonical_name(scheduler),
+                   prediction_type=prediction_type)
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any]) -> ModelDefaults:
         d = manifest.get("defaults") or {}
-        return cls.checked(d.get("steps"), d.get("guidance_scale"), d.get("scheduler"))
+        return cls.checked(d.get("steps"), d.get("guidance_scale"), d.get("scheduler"), d.get("prediction_type"))
 
     @classmethod
     def from_artifacts(cls, artifacts: Any) -> ModelDefaults:
@@ -64,7 +74,16 @@ class ModelDefaults:
         """What a call without these arguments runs (``/v1/info``)."""
         steps, guidance, scheduler = self.fill(None, None, None)
         return {"steps": steps, "guidance_scale": guidance, "scheduler": scheduler,
-                "recorded": self.to_dict()}
+                "prediction_type": self.prediction_type, "recorded": self.to_dict()}
+
+    def scheduler_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """The base's scheduler config with the recorded ``prediction_type`` (diffusers' Lightning
+        recipe: ``EulerDiscreteScheduler.from_config(cfg, timestep_spacing="trailing",
+        prediction_type="sample")``)."""
+        out = dict(config)
+        if self.prediction_type is not None:
+            out["prediction_type"] = self.prediction_type
+        return out
 
     def fill(self, steps: Any, guidance_scale: Any, scheduler: Any) -> tuple[Any, Any, Any]:
         """The call's values, with None replaced by the recorded default, else the built-in."""

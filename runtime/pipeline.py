@@ -113,12 +113,12 @@ class SDXLPipeline:
         self.vae_scale = artifacts.specs["unet"].vae_scale
         self.latent_channels = int(artifacts.specs["unet"].inputs[0].shape[1])
         self.vae_config = artifacts.vae
-        self._schedulers = SchedulerFactory(artifacts.scheduler_config())
+        #: steps, guidance and scheduler a call without them runs (the build's recorded defaults)
+        self.defaults = ModelDefaults.from_artifacts(artifacts)
+        self._schedulers = SchedulerFactory(self.defaults.scheduler_config(artifacts.scheduler_config()))
         self._refiner_schedulers = (SchedulerFactory(artifacts.scheduler_config(refiner=True))
                                     if self.has_refiner else None)
         self._image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale)
-        #: steps, guidance and scheduler a call without them runs (the build's recorded defaults)
-        self.defaults = ModelDefaults.from_artifacts(artifacts)
         self._check_conditioning_dims()
         from ..lora.switch import LoraSet, LoraSwitcher
 

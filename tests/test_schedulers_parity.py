@@ -74,7 +74,7 @@ class Case:
     scheduler: str
     seed: int = 0
     prompt: Any = "a photo of a cat"
-    steps: int = 5
+    steps: int = 4
     guidance: float = 5.0
     size: tuple[int, int] = (64, 64)
     refiner: bool = False
@@ -84,16 +84,21 @@ class Case:
     extra: dict[str, Any] = field(default_factory=dict)  # eta, timesteps, sigmas
 
 
+#: The default run: every sampler and schedule type once, the hand-off and img2img paths of the
+#: second-order, SDE and consistency samplers, explicit schedules and eta, batches. ``-m slow``
+#: adds every other reference scheduler and more hand-off/img2img/batch combinations.
+FAST = ("heun", "lms", "dpm2", "dpm2_a", "dpmpp_2m_sde_karras", "dpmpp_sde", "dpmpp_2s", "deis", "lcm", "tcd",
+        "euler_trailing", "euler_uniform", "euler_exponential", "euler_beta", "heun_karras")
 CASES = {
     # every sampler and schedule type, base only, with guidance
     **{f"txt2img-{s}": Case(s, seed=i) for i, s in enumerate(REF)},
     # the base -> refiner hand-off (denoising_end / denoising_start), incl. second-order cuts
-    **{f"handoff-{s}": Case(s, seed=40 + i, refiner=True, steps=6)
+    **{f"handoff-{s}": Case(s, seed=40 + i, refiner=True, steps=5)
        for i, s in enumerate(("heun", "dpm2", "dpm2_a", "lms_karras", "dpmpp_sde", "dpmpp_2m_sde_karras", "lcm",
                               "deis", "dpmpp_2s"))},
     "handoff-heun-0.75": Case("heun", seed=50, refiner=True, steps=5, denoising_end=0.75),
     # img2img strength
-    **{f"img2img-{s}": Case(s, seed=60 + i, strength=0.6, steps=6)
+    **{f"img2img-{s}": Case(s, seed=60 + i, strength=0.6, steps=5)
        for i, s in enumerate(("heun", "dpm2_a", "dpmpp_sde", "lcm", "tcd", "lms"))},
     # explicit schedules and eta, guidance-free as few-step models run
     "dmd2-lcm-timesteps": Case("lcm", seed=70, guidance=0.0, extra={"timesteps": [999, 749, 499, 249]}),
@@ -110,6 +115,12 @@ CASES = {
     "batch-dpmpp_sde-handoff": Case("dpmpp_sde", seed=91, prompt=["a red car", "a tree"], generators=2,
                                     refiner=True),
 }
+DEFAULT_RUN = {*(f"txt2img-{s}" for s in FAST), "handoff-heun", "handoff-dpm2_a", "handoff-dpmpp_sde",
+               "handoff-lcm", "img2img-heun", "img2img-dpmpp_sde", "img2img-lcm", "img2img-tcd",
+               "dmd2-lcm-timesteps", "euler-sigmas", "tcd-eta0.3", "batch-dpmpp_sde",
+               "batch-dpmpp_sde-one_generator"}
+assert DEFAULT_RUN <= set(CASES)
+PARAMS = [pytest.param(n, id=n, marks=() if n in DEFAULT_RUN else pytest.mark.slow) for n in CASES]
 
 
 def _gen(c: Case) -> Any:
@@ -188,7 +199,7 @@ def reference(tiny_model):
     return Reference(tiny_model)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", PARAMS)
 def test_scheduler_matches_diffusers(name, pipe, reference):
     c = CASES[name]
     image = test_image(*c.size, seed=c.seed) if c.strength is not None else None
@@ -205,7 +216,8 @@ def test_scheduler_matches_diffusers(name, pipe, reference):
     assert ours.info["refiner_steps"] > 0 if c.refiner else ours.info["refiner_steps"] == 0
 
 
-@pytest.mark.parametrize("scheduler", ["euler_a", "dpm2_a", "dpmpp_2m_sde", "dpmpp_sde", "lcm", "tcd"])
+@pytest.mark.parametrize("scheduler", ["dpm2_a", "dpmpp_sde", "tcd", *(pytest.param(s, marks=pytest.mark.slow)
+                                                                      for s in ("euler_a", "dpmpp_2m_sde", "lcm"))])
 def test_stochastic_batched_image_equals_its_single_run(scheduler, pipe):
     """One generator per image: image i of a batch is the image its own seed gives alone."""
     seeds = [11, 12]
