@@ -102,6 +102,8 @@ class BuildOptions:
     default_guidance: float | None = None
     default_scheduler: str | None = None
     prediction_type: str | None = None
+    #: the model's native size in pixels when its configs do not say it (``--native-size``)
+    native_size: int | None = None
 
     def sampling_defaults(self) -> Any:
         """The checked :class:`~sdxl_export.runtime.model_defaults.ModelDefaults` to record."""
@@ -135,6 +137,8 @@ class BuildOptions:
             args += ["--vae", o.vae]
         if o.unet is not None:
             args += ["--unet", o.unet]
+        if o.native_size is not None:
+            args += ["--native-size", str(o.native_size)]
         for flag, value in (("--default-steps", o.default_steps), ("--default-guidance", o.default_guidance),
                             ("--default-scheduler", o.default_scheduler), ("--prediction-type", o.prediction_type)):
             if value is not None:
@@ -389,7 +393,7 @@ def build(opts: BuildOptions) -> BuildReport:
             log.warning("precision: %s requested, but %s: building fp32", opts.precision, why)
     export_manifest = export_model(opts.model, opts.out, refiner=opts.refiner, with_refiner=opts.with_refiner,
                                    opset=opts.opset, vae=opts.vae, loras=opts.loras, unet=opts.unet,
-                                   defaults=opts.sampling_defaults())
+                                   defaults=opts.sampling_defaults(), native_size=opts.native_size)
     root = Path(opts.out).resolve()
     plan = make_plan(opts, export_manifest)
     if backend == BACKEND_TRT:

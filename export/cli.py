@@ -54,6 +54,9 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unet", default=None, metavar="FILE|DIR",
                    help="a UNet replacing the base UNet: a UNet-only .safetensors (e.g. "
                    "sdxl_lightning_4step_unet.safetensors, DMD2's), a diffusers UNet folder or a model folder")
+    p.add_argument("--native-size", type=int, default=None, metavar="PX",
+                   help="the model's native size when its configs do not say it (SDXL-Turbo as a single file: 512); "
+                   "buckets are planned around it")
     add_default_options(p)
     add_lora_option(p, "fused into the weights before export (only the components it touches re-export)")
 
@@ -92,7 +95,7 @@ def run_export(args: argparse.Namespace) -> int:
     result = export_model(
         args.model, args.out, refiner=None if args.no_refiner else args.refiner,
         with_refiner=not args.no_refiner, opset=args.opset, torch_weights=not args.no_torch_weights, vae=args.vae,
-        loras=args.loras, unet=args.unet, defaults=_defaults(args),
+        loras=args.loras, unet=args.unet, defaults=_defaults(args), native_size=args.native_size,
     )
     print(export_summary(result, args.out))
     return 0

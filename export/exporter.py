@@ -263,6 +263,7 @@ def export_model(
     loras: Sequence[tuple[str | Path, float]] = (),
     unet: str | None = None,
     defaults: Any = None,
+    native_size: int | None = None,
 ) -> dict[str, Any]:
     """Export every component of ``model`` into ``out_dir``; return the manifest.
 
@@ -276,7 +277,7 @@ def export_model(
     """
     check_opset(opset)
     source = ModelSource.from_model(model) if isinstance(model, SDXLModel) else resolve_source(
-        model, refiner=refiner, with_refiner=with_refiner, vae=vae, unet=unet)
+        model, refiner=refiner, with_refiner=with_refiner, vae=vae, unet=unet, native_size=native_size)
     out = Path(out_dir)
     previous = prepare_out_dir(out)  # refuse a foreign folder before creating or locking anything
     plan = ExportPlan(source, opset, validate, torch_weights, loras)

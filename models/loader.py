@@ -273,6 +273,9 @@ class ModelSource:
     vae: str | None = None
     #: the UNet file/folder replacing the base UNet (``--unet``), None for the model's own
     unet: str | None = None
+    #: the native size in pixels (``--native-size``: SDXL-Turbo's 512 from a single file, whose
+    #: configs are SDXL's), None for the UNet config's ``sample_size`` x the VAE's scale
+    native_size: int | None = None
 
     @property
     def has_refiner(self) -> bool:
@@ -283,7 +286,8 @@ class ModelSource:
         """The manifest's ``source``: what was exported, and its fingerprint (whole and per part)."""
         ident = {"kind": self.kind, "id": self.id, "refiner": self.refiner,
                  "fingerprint": _sha(self.fingerprints), "parts": dict(self.fingerprints)}
-        return ident | ({"vae": self.vae} if self.vae else {}) | ({"unet": self.unet} if self.unet else {})
+        return (ident | ({"vae": self.vae} if self.vae else {}) | ({"unet": self.unet} if self.unet else {})
+                | ({"native_size": self.native_size} if self.native_size else {}))
 
     def part_config(self, part: str) -> dict[str, Any]:
         """The config dict of a model part (text encoders, UNets, VAE), read without weights.
@@ -292,6 +296,13 @@ class ModelSource:
         every init argument); transformers omits values equal to its defaults, which are
         filled in from ``CLIPTextConfig`` only when one is missing.
         """
+        cfg = self._part_config(part)
+        if part == "unet" and self.native_size:
+            scale = 2 ** (len(self._part_config("vae")["block_out_channels"]) - 1)
+            cfg = {**cfg, "sample_size": self.native_size // scale}
+        return cfg
+
+    def _part_config(self, part: str) -> dict[str, Any]:
         origin, where = self.origins[part]
         if origin == "loaded":
             return _config_dict(getattr(where, part))
@@ -369,7 +380,7 @@ class ModelSource:
         return cls(kind=str(src.get("kind", "loaded")), id=str(src.get("id", "in-memory model")),
                    refiner=src.get("refiner") if model.has_refiner else None,
                    origins={p: ("loaded", model) for p in parts}, fingerprints=fps, vae=src.get("vae"),
-                   unet=src.get("unet"))
+                   unet=src.get("unet"), native_size=src.get("native_size"))
 
 
 def content_fingerprint(model: SDXLModel, part: str) -> str:
@@ -580,7 +591,7 @@ def _source_parts(src: str, role: str, parts: tuple[str, ...]) -> tuple[str, str
 
 
 def resolve_source(model: str = "tiny", refiner: str | None = "same", with_refiner: bool = True,
-                   vae: str | None = None, unet: str | None = None) -> ModelSource:
+                   vae: str | None = None, unet: str | None = None, native_size: int | None = None) -> ModelSource:
     """Check and fingerprint a base (+ refiner) (+ separate VAE) source without loading any weights.
 
     ``model``/``refiner``: a preset, a diffusers folder, a single-file ``.safetensors``
@@ -589,6 +600,8 @@ def resolve_source(model: str = "tiny", refiner: str | None = "same", with_refin
     separate checkpoint). ``vae``: a VAE replacing the base's (a diffusers VAE folder, a
     model folder with ``vae/``, a single file or a preset), recorded in the identity.
     ``unet``: a UNet file or folder replacing the base UNet (:mod:`.unet_file`), likewise.
+    ``native_size``: the model's native size in pixels when its configs do not say it (SDXL-Turbo
+    as a single file is read with SDXL's configs, 1024; it was trained at 512), likewise.
     """
     kind, ident, origins, fps = _source_parts(model, "base", BASE_PARTS)
     unet_id = None
@@ -612,9 +625,18 @@ def resolve_source(model: str = "tiny", refiner: str | None = "same", with_refin
         origins |= v_origins
         fps |= v_fps
     source = ModelSource(kind=kind, id=ident, refiner=refiner_id, origins=origins, fingerprints=fps, vae=vae_id,
-                         unet=unet_id)
+                         unet=unet_id, native_size=_check_native(native_size))
     source.dims()  # configs must describe an SDXL base (+ refiner): fail now, not mid-export
     return source
+
+
+def _check_native(native_size: Any) -> int | None:
+    if native_size is None:
+        return None
+    if isinstance(native_size, bool) or not isinstance(native_size, int) or native_size < 64 or native_size % 64:
+        raise errors.ModelSourceError(f"native size must be a multiple of 64 pixels, got {native_size!r}",
+                                      "pass e.g. --native-size 512 (SDXL-Turbo) or leave it out (the configs' size)")
+    return int(native_size)
 
 
 def load_model(model: str = "tiny", refiner: str | None = "same", with_refiner: bool = True,

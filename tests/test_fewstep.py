@@ -145,16 +145,18 @@ def test_guidance_free_calls_run_the_unet_once_per_step(lightning):
         pipe.runners["unet"] = spy.runner
 
 
-def test_prediction_type_sample_for_one_step_x0_unets(tmp_path, tiny_artifacts, tiny_model, unet_file):
+def test_prediction_type_sample_for_one_step_x0_unets(tmp_path, lightning, tiny_model, unet_file):
     """``--prediction-type sample`` (Lightning's 1-step UNet): diffusers' Euler trailing with
-    ``prediction_type="sample"``, 1 step."""
+    ``prediction_type="sample"``, 1 step. Recording it rewrites the manifest only."""
     import shutil
 
     from safetensors.torch import load_file
 
     out = tmp_path / "artifacts"
-    shutil.copytree(tiny_artifacts, out)
-    export_model("tiny", out, unet=str(unet_file), defaults=ModelDefaults.checked(1, 0.0, "euler_trailing", "sample"))
+    shutil.copytree(lightning[0], out)
+    m = export_model("tiny", out, unet=str(unet_file),
+                     defaults=ModelDefaults.checked(1, 0.0, "euler_trailing", "sample"))
+    assert m["exported"] == [] and m["defaults"]["prediction_type"] == "sample"
     unet = d.UNet2DConditionModel.from_config(tiny_model.unet.config)
     unet.load_state_dict(load_file(str(unet_file)))
     sched = d.EulerDiscreteScheduler.from_config(tiny_model.scheduler_config, timestep_spacing="trailing",
@@ -201,7 +203,8 @@ def test_unet_folder_and_bad_unet_sources(tmp_path, tiny_model, unet_file):
     save_file({"foo.weight": torch.zeros(2)}, str(tmp_path / "foo.safetensors"))
     with pytest.raises(ModelSourceError, match="not a UNet"):
         resolve_source("tiny", unet=str(tmp_path / "foo.safetensors"))
-    lcm_unet = d.UNet2DConditionModel.from_config({**tiny_model.unet.config, "time_cond_proj_dim": 32})
+    plain = {k: v for k, v in tiny_model.unet.config.items() if not k.startswith("_")}
+    lcm_unet = d.UNet2DConditionModel.from_config({**plain, "time_cond_proj_dim": 32})
     lcm_unet.save_pretrained(str(tmp_path / "lcm_unet"), safe_serialization=True)
     with pytest.raises(ModelSourceError, match="guidance embedding"):
         resolve_source("tiny", unet=str(tmp_path / "lcm_unet"))
@@ -275,3 +278,72 @@ def test_distillation_lora_layouts_match_diffusers(name, tmp_path, tiny_model, b
     print(f"\n{name}: max |pixel diff| {err * 255:.3f}/255")
     assert err <= TOL, f"{err * 255:.3f}/255"
     assert float(np.abs(plain.images - ref).max()) > 2 * TOL, "the LoRA changed nothing: the test would prove nothing"
+
+
+# ---- the server: recorded defaults on every API, the samplers on A1111's lists ------------------
+def test_server_uses_recorded_defaults_and_lists_samplers(lightning, tmp_path):
+    from serve_helpers import ServerProcess, png_array, request
+
+    out, _ = lightning
+    with SDXLPipeline.from_artifacts(out, backend="onnxruntime", device="cpu", load_refiner=False) as pipe:
+        expected = np.asarray(pipe("a lighthouse", seed=21, refiner=False, **SIZE).images[0].convert("RGB"),
+                              dtype=np.int16)
+    srv = ServerProcess(out, "--backend", "onnxruntime", "--batch-wait-ms", "10", log_path=tmp_path / "s.log")
+    try:
+        status, _, raw = request(srv.url + "/v1/info")
+        assert status == 200
+        defaults = json.loads(raw)["defaults"]
+        assert (defaults["steps"], defaults["guidance_scale"], defaults["scheduler"]) == (4, 0.0, "euler_trailing")
+        assert "dpmpp_2m_sde_karras" in json.loads(raw)["schedulers"]
+        # native: no steps/guidance/scheduler -> the recorded ones (the same image as the Python API)
+        status, _, raw = request(srv.url + "/v1/generate", {"prompt": "a lighthouse", "seed": 21, "refiner": False,
+                                                            **SIZE})
+        assert status == 200, raw
+        got = png_array(json.loads(raw)["images"][0])
+        assert int(np.abs(got - expected).max()) <= 1
+        # native: explicit schedule arguments reach the pipeline; a bad one is a 400 naming it
+        status, _, raw = request(srv.url + "/v1/generate", {"prompt": "x", "seed": 1, "scheduler": "lcm",
+                                                            "timesteps": [999, 749, 499, 249], **SIZE})
+        assert status == 200, raw
+        status, _, raw = request(srv.url + "/v1/generate", {"prompt": "x", "scheduler": "lms",
+                                                            "timesteps": [999, 500], **SIZE})
+        assert status == 400 and b"custom timesteps" in raw
+        # A1111: no steps/cfg/sampler -> recorded; infotext names A1111's sampler and schedule type
+        status, _, raw = request(srv.url + "/sdapi/v1/txt2img", {"prompt": "a lighthouse", "seed": 21,
+                                                                 "width": 64, "height": 64})
+        assert status == 200, raw
+        info = json.loads(json.loads(raw)["info"])
+        assert "Steps: 4, Sampler: Euler, Schedule type: SGM Uniform, CFG scale: 0" in info["infotexts"][0]
+        assert int(np.abs(png_array(json.loads(raw)["images"][0]) - expected).max()) <= 1
+        status, _, raw = request(srv.url + "/sdapi/v1/txt2img", {"prompt": "x", "steps": 3, "width": 64,
+                                                                 "height": 64, "sampler_name": "DPM++ 2M SDE",
+                                                                 "scheduler": "Karras", "cfg_scale": 2})
+        assert status == 200, raw
+        assert "Sampler: DPM++ 2M SDE, Schedule type: Karras" in json.loads(json.loads(raw)["info"])["infotexts"][0]
+        names = {s["name"] for s in json.loads(request(srv.url + "/sdapi/v1/samplers")[2])}
+        assert {"Euler", "Euler a", "Heun", "LMS", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE",
+                "DPM++ 2S a", "DEIS", "DDIM", "UniPC", "LCM", "TCD", "DPM++ 2M Karras"} <= names
+        labels = {s["label"] for s in json.loads(request(srv.url + "/sdapi/v1/schedulers")[2])}
+        assert labels == {"Automatic", "Karras", "Exponential", "Beta", "SGM Uniform", "Uniform"}
+        status, _, raw = request(srv.url + "/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "DPM fast"})
+        assert status == 400 and b"DPM++ 2M SDE" in raw
+    finally:
+        srv.stop()
+
+
+def test_native_size_for_turbo_like_single_files(tmp_path):
+    """``--native-size 512`` (SDXL-Turbo from a single file, read with SDXL's 1024 configs): the
+    source's dims, identity and the planned buckets follow it; bad sizes are named errors."""
+    from sdxl_export.models.loader import resolve_source
+
+    src = resolve_source("tiny", native_size=128)
+    assert src.dims().native_size == 128 and src.identity["native_size"] == 128
+    assert resolve_source("tiny").dims().native_size == 256 and "native_size" not in resolve_source("tiny").identity
+    with pytest.raises(ModelSourceError, match="multiple of 64"):
+        resolve_source("tiny", native_size=100)
+    rc, stdout, stderr = run_cli("plan", "--model", "tiny", "--native-size", "128", "--buckets", "all", "--json",
+                                 "--out", str(tmp_path / "none"))
+    assert rc == 0, stderr
+    plan = json.loads(stdout)
+    assert plan["native_size"] == 128
+    assert "128x128" in {str(b) for b in plan["buckets"]}, plan["buckets"]
