@@ -25,6 +25,8 @@ _EXPORTS = {
     "read_artifacts": "artifact_reader",
     "ComponentRunner": "backends.base",
     "resolve_backend": "backends",
+    "BACKENDS": "backends",
+    "backend_help": "backends",
 }
 
 __all__ = list(_EXPORTS)
