@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import DEFAULT_ARTIFACTS
-from ..runtime.backends.registry import backend_help
+from ..runtime import backend_help
 from .config import ServeConfig, ServeConfigError, parse_basic_auth, parse_sizes
 
 log = logging.getLogger(__name__)
