@@ -56,8 +56,7 @@ def _imports(path: Path) -> list[tuple[int, str]]:
 
 
 def _modules(package: str):
-    for path in sorted((ROOT / package).rglob("*.py")):
-        yield path
+    yield from sorted((ROOT / package).rglob("*.py"))
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
@@ -73,7 +72,7 @@ def test_no_import_runs_back_up(package):
 
 
 def test_the_server_uses_the_runtimes_public_names_only():
-    import sdxl_export.runtime as runtime
+    from sdxl_export import runtime
 
     public = set(runtime.__all__)
     bad = []
