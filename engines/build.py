@@ -106,8 +106,8 @@ class BuildOptions:
     native_size: int | None = None
 
     def sampling_defaults(self) -> Any:
-        """The checked :class:`~sdxl_export.runtime.model_defaults.ModelDefaults` to record."""
-        from ..runtime.model_defaults import ModelDefaults
+        """The checked :class:`~sdxl_export.sampling_defaults.ModelDefaults` to record."""
+        from ..sampling_defaults import ModelDefaults
 
         return ModelDefaults.checked(self.default_steps, self.default_guidance, self.default_scheduler,
                                      self.prediction_type)

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from ..artifacts import DEFAULT_ARTIFACTS
+from ..cli_common import add_lora_option
 from .onnx_tools import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
 
@@ -63,7 +64,7 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
 
 def add_default_options(p: argparse.ArgumentParser) -> None:
     """--default-steps/--default-guidance/--default-scheduler/--prediction-type: recorded in the manifest."""
-    from ..runtime.model_defaults import PREDICTION_TYPES
+    from ..sampling_defaults import PREDICTION_TYPES
 
     g = p.add_argument_group("sampling defaults (recorded; used when a call does not say)")
     g.add_argument("--default-steps", type=int, default=None, metavar="N",
@@ -76,16 +77,6 @@ def add_default_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
                    help="the base scheduler's prediction type when the UNet differs from the model's config "
                    "(sample: SDXL-Lightning's 1-step x0 UNet)")
-
-
-def add_lora_option(p: argparse.ArgumentParser, what: str) -> None:
-    """--lora FILE[:SCALE], repeatable (diffusers/PEFT or kohya/A1111 .safetensors)."""
-    from ..lora.files import parse_lora_arg
-
-    p.add_argument("--lora", dest="loras", action="append", type=parse_lora_arg, default=[],
-                   metavar="FILE[:SCALE]", help=f"an SDXL LoRA (.safetensors, diffusers or kohya format), scale "
-                   f"default 1.0; repeatable; {what}")
-
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -102,7 +93,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def _defaults(args: argparse.Namespace) -> object:
-    from ..runtime.model_defaults import ModelDefaults
+    from ..sampling_defaults import ModelDefaults
 
     return ModelDefaults.checked(args.default_steps, args.default_guidance, args.default_scheduler,
                                  args.prediction_type)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidRequestError
-from .scheduler_catalog import SAMPLERS, canonical_name, resolve, scheduler_names
+from ..samplers import SAMPLERS, canonical_name, resolve, scheduler_names
 
 __all__ = ["SCHEDULERS", "SchedulerFactory", "base_timesteps", "canonical_name", "cut_at_end", "make_scheduler",
            "prepare_scheduler", "refiner_timesteps", "scheduler_names", "set_schedule", "step_kwargs",

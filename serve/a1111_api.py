@@ -48,7 +48,7 @@ from .common import (
     seeds_for,
 )
 from ..errors import InvalidRequestError
-from ..runtime import scheduler_catalog as catalog
+from .. import samplers as catalog
 from .loras import split_prompt_tags
 
 

@@ -9,7 +9,7 @@ import pytest
 from sdxl_export.benchmarks import report
 from sdxl_export.benchmarks.bench import BASELINE, BASELINE_BF16, BenchConfig, Variant, run_bench
 from sdxl_export.benchmarks.suites import SUITES
-from sdxl_export.engines.ov_builder import ov_status
+from sdxl_export.openvino_env import ov_status
 from sdxl_export.errors import InvalidRequestError
 
 OV_FP32, OV_BF16 = "openvino-fp32", "openvino-bf16"

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from sdxl_export.errors import InvalidRequestError, ModelSourceError, UnsafeCheckpointError
 from sdxl_export.export import export_model
 from sdxl_export.runtime import SDXLPipeline
-from sdxl_export.runtime.model_defaults import ModelDefaults
+from sdxl_export.sampling_defaults import ModelDefaults
 
 TOL = 1 / 255
 SIZE = {"height": 64, "width": 64}

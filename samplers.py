@@ -28,7 +28,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import InvalidRequestError
+from .errors import InvalidRequestError
 
 
 @dataclass(frozen=True)
