@@ -100,7 +100,7 @@ _SCHEDULE_SPELLINGS = {a: s.name for s in SCHEDULES for a in (s.name, *s.aliases
 _SAMPLER_SPELLINGS = {a: s.name for s in SAMPLERS for a in (s.name, *s.aliases)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _init_params(cls_name: str) -> frozenset[str]:
     import diffusers
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..sampling_defaults import BUILTIN_GUIDANCE, BUILTIN_SCHEDULER, BUILTIN_STEPS, PREDICTION_TYPES, ModelDefaults
+from ..sampling_defaults import (
+    BUILTIN_GUIDANCE,
+    BUILTIN_SCHEDULER,
+    BUILTIN_STEPS,
+    PREDICTION_TYPES,
+    ModelDefaults,
+)
 from .request import SampleRequest
 from .schedulers import check_schedule_args
 

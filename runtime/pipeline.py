@@ -44,8 +44,8 @@ from . import img2img
 from .artifact_reader import REQUIRED_COMPONENTS, Artifacts, export_fix, read_artifacts
 from .backends.base import ComponentRunner
 from .backends import ComponentContext, create_runner, resolve_backend
-from .prompts import EncodedPrompts, PromptEncoder
 from .model_defaults import ModelDefaults, with_schedule_args
+from .prompts import EncodedPrompts, PromptEncoder
 from .request import SampleRequest, check_img2img, check_request, repeat_per_image
 from .schedulers import (
     SchedulerFactory,

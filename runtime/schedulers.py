@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 from collections.abc import Mapping
 from typing import Any
 
@@ -223,7 +224,7 @@ def check_schedule_args(scheduler: str, eta: Any, timesteps: Any, sigmas: Any
                 or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in timesteps)):
             raise InvalidRequestError(f"timesteps must be a non-empty list of integers >= 0, got {timesteps!r}",
                                       "pass e.g. timesteps=[999, 749, 499, 249] (DMD2)")
-        if any(a <= b for a, b in zip(timesteps, timesteps[1:])):
+        if any(a <= b for a, b in itertools.pairwise(timesteps)):
             raise InvalidRequestError(f"timesteps must be strictly decreasing, got {list(timesteps)}",
                                       "pass them from the noisiest down, e.g. [999, 749, 499, 249]")
         out_t = [int(t) for t in timesteps]
@@ -233,7 +234,7 @@ def check_schedule_args(scheduler: str, eta: Any, timesteps: Any, sigmas: Any
                            for x in sigmas)):
             raise InvalidRequestError(f"sigmas must be a non-empty list of numbers >= 0, got {sigmas!r}",
                                       "pass e.g. sigmas=[14.6, 3.0, 0.9, 0.2]")
-        if any(a < b for a, b in zip(sigmas, sigmas[1:])):
+        if any(a < b for a, b in itertools.pairwise(sigmas)):
             raise InvalidRequestError(f"sigmas must be non-increasing, got {list(sigmas)}",
                                       "pass them from the noisiest down")
         out_s = [float(x) for x in sigmas]

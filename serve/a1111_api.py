@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import __version__
+from .. import samplers as catalog
+from ..errors import InvalidRequestError
 from .common import (
     ParamError,
     ParsedRequest,
@@ -47,10 +49,7 @@ from .common import (
     get_str,
     seeds_for,
 )
-from ..errors import InvalidRequestError
-from .. import samplers as catalog
 from .loras import split_prompt_tags
-
 
 #: A1111's sampler and schedule-type names: the runtime's catalog (diffusers' own A1111 table).
 SAMPLERS = catalog.SAMPLERS

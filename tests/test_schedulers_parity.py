@@ -13,8 +13,9 @@ batched against their single runs (one generator per image, as the server batche
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import diffusers as d
 import numpy as np
