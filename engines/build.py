@@ -370,7 +370,9 @@ def make_plan(opts: BuildOptions, export_manifest: Mapping[str, Any]) -> Plan:
     specs = specs_from_dicts(c["spec"] for c in export_manifest["components"].values())
     native = int(export_manifest["native_size"])
     buckets = parse_bucket_list(opts.buckets, native)
-    return plan_profiles(specs, native=native, buckets=buckets, batch_sizes=opts.batch_sizes, mode=opts.profiles)
+    recorded = (export_manifest.get("defaults") or {}).get("guidance_scale")
+    return plan_profiles(specs, native=native, buckets=buckets, batch_sizes=opts.batch_sizes, mode=opts.profiles,
+                         guidance=recorded is None or float(recorded) > 1.0)
 
 
 def build(opts: BuildOptions) -> BuildReport:

@@ -57,7 +57,7 @@ class UnetFile:
         with torch.device("meta"):
             model = UNet2DConditionModel.from_config(self.config)
         with safe_open(str(self.path), framework="pt") as fh:
-            sd = {k: fh.get_tensor(k) for k in fh}
+            sd = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 -- safe_open is not iterable
         sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
         if self.layout == "ldm":
             from diffusers.loaders import single_file_utils as sfu

@@ -347,3 +347,18 @@ def test_native_size_for_turbo_like_single_files(tmp_path):
     plan = json.loads(stdout)
     assert plan["native_size"] == 128
     assert "128x128" in {str(b) for b in plan["buckets"]}, plan["buckets"]
+
+
+def test_guidance_free_default_tunes_unet_profiles_at_batch_b(lightning, tiny_artifacts):
+    """Recorded guidance <= 1: the UNet's TensorRT ``opt`` is the guidance-free batch B; B and 2B
+    are served either way (a request may still ask for guidance)."""
+    from sdxl_export.engines.build import BuildOptions, make_plan
+    from sdxl_export.export.exporter import load_export_manifest
+
+    opts = BuildOptions(buckets="256x256", batch_sizes=(2,), profiles="bucketed")
+    for folder, opt in ((lightning[0], 2), (tiny_artifacts, 4)):
+        plan = make_plan(opts, load_export_manifest(folder))
+        unet = plan.components["unet"]
+        assert set(unet.batch_sizes) == {2, 4}
+        opts_seen = {p.shapes["sample"][1][0] for p in unet.profiles}
+        assert opts_seen == {opt}, (folder, opts_seen)
