@@ -10,7 +10,10 @@ so the pipeline makes a fresh one per call: calls from several threads never sha
 logic of ``StableDiffusionXLPipeline.__call__`` (the ``denoising_end`` cut-off) and
 ``StableDiffusionXLImg2ImgPipeline.get_timesteps`` (``denoising_start``, the second-order
 ``+1``, ``set_begin_index``) in diffusers 0.3x-0.4x; :func:`strength_timesteps` is
-``get_timesteps`` with ``strength`` (img2img without a hand-off).
+``get_timesteps`` with ``strength`` (img2img without a hand-off). Each goes through
+:func:`set_schedule`, diffusers' ``retrieve_timesteps`` (the step count, or the caller's own
+``timesteps``/``sigmas``). The names (sampler + schedule type) are :mod:`sdxl_export.samplers`;
+:func:`prepare_scheduler` seeds DPM++ SDE's Brownian tree per image from the request's generators.
 """
 
 from __future__ import annotations
