@@ -67,6 +67,8 @@ DEFAULT_MAX_AREA_RATIO = 1.5
 BATCH_MULTIPLIERS: dict[str, tuple[int, ...]] = {
     "text_encoder": (1, 2),
     "unet": (2, 1),
+    "unet_controlnet": (2, 1),
+    "controlnet": (2, 1),  # guess mode runs it on the conditional half only
     "vae_decoder": (1,),
     "vae_encoder": (1,),
 }
