@@ -333,11 +333,12 @@ def preset_controlnet(unet: Any, seed: int = PRESET_SEED_OFFSET) -> Any:
     return cn.to(torch.float32).eval().requires_grad_(False)
 
 
-def save_preset_controlnet(preset: str, out: str | Path, *, single_file: bool = False) -> Path:
+def save_preset_controlnet(preset: str, out: str | Path, *, single_file: bool = False,
+                           seed: int = PRESET_SEED_OFFSET) -> Path:
     """Write the preset's seeded ControlNet as a user would have it (a folder, or one .safetensors)."""
     from .loader import _build_preset_part
 
-    cn = preset_controlnet(_build_preset_part(preset, "unet"))
+    cn = preset_controlnet(_build_preset_part(preset, "unet"), seed=seed)
     out = Path(out)
     if single_file:
         from safetensors.torch import save_file
