@@ -47,7 +47,7 @@ from typing import Any
 
 from ..buckets import Bucket, buckets_for, sdxl_bucket_map
 from ..errors import InvalidRequestError
-from ..specs import ComponentSpec
+from ..specs import ComponentSpec, level_dims
 
 log = logging.getLogger(__name__)
 
@@ -372,4 +372,4 @@ def _max_dims(spec: ComponentSpec, profile: PlannedProfile) -> dict[str, int]:
             dims.setdefault(px, dims[lat] * s)
         elif px in dims:
             dims.setdefault(lat, dims[px] // s)
-    return dims
+    return level_dims(dims)  # a ControlNet's residuals at the deeper levels
