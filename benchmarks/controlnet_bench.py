@@ -42,10 +42,12 @@ def bench(artifacts: str | Path, size: tuple[int, int], rounds: int = 5, control
 
     if threads:
         torch.set_num_threads(threads)
-    arts = read_artifacts(artifacts)
+    arts = read_artifacts(artifacts, with_refiner=False)
     names = component_names(list(arts.components))
     if not names:
-        raise SystemExit(f"{artifacts} holds no ControlNet: export with --controlnet first")
+        from ..errors import MissingComponentError
+
+        raise MissingComponentError(f"{artifacts} holds no ControlNet", "export or build it with --controlnet first")
     cn = f"controlnet_{controlnet}" if controlnet else names[1]
     h, w = size
     runners = {}
@@ -95,10 +97,17 @@ def bench(artifacts: str | Path, size: tuple[int, int], rounds: int = 5, control
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
     comps = arts.manifest["components"]
 
+    store = arts.engine_store
+
     def cost(n: str) -> dict[str, Any]:
         c = comps[n]
-        return {"size_bytes": c.get("size_bytes"), "export_seconds": c.get("export_seconds"),
-                "validation_seconds": (c.get("validation") or {}).get("seconds")}
+        out = {"size_bytes": c.get("size_bytes"), "export_seconds": c.get("export_seconds"),
+               "validation_seconds": (c.get("validation") or {}).get("seconds")}
+        entry = getattr(store, "entries", {}).get(n) if store is not None else None
+        if entry is not None:  # the engine build (TensorRT plan or ORT twin)
+            size = sum((arts.root / rel).stat().st_size for rel in entry.files if (arts.root / rel).is_file())
+            out.update(engine_backend=entry.backend, engine_seconds=entry.build_seconds, engine_bytes=size)
+        return out
 
     return {"artifacts": str(arts.root), "size": f"{h}x{w}", "batch": 2, "rounds": rounds,
             "threads": torch.get_num_threads(), "controlnet": cn, "median_ms": med,
@@ -117,9 +126,27 @@ def table(r: dict[str, Any]) -> str:
     lines += ["", f"ControlNet step / plain step: ours {o['ours']:.2f}x, diffusers {o['diffusers']:.2f}x",
               f"ours vs diffusers: plain {s['plain']:.2f}x faster, with ControlNet {s['controlnet']:.2f}x faster", ""]
     for n, c in r["added_by_controlnet"].items():
+        eng = (f"; {c['engine_backend']} engine {c['engine_bytes'] / 2**20:.1f} MiB, built in "
+               f"{c['engine_seconds']} s" if "engine_backend" in c else "")
         lines.append(f"{n}: {c['size_bytes'] / 2**20:.1f} MiB ONNX, export {c['export_seconds']} s, "
-                     f"validation {c['validation_seconds']} s")
+                     f"validation {c['validation_seconds']} s{eng}")
     return "\n".join(lines)
+
+
+def cmd(args: Any) -> int:
+    """``sdxl-export bench --artifacts DIR --controlnet [NAME]``."""
+    from ..errors import InvalidRequestError
+
+    if args.artifacts is None:
+        raise InvalidRequestError("bench --controlnet measures an export", "pass --artifacts DIR (built with "
+                                  "--controlnet)")
+    size = (args.buckets or "256x256").split(",")[0]
+    h, w = (int(x) for x in size.lower().split("x"))
+    r = bench(args.artifacts, (h, w), args.runs or 5, args.controlnet or None, args.torch_threads)
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
+    print(table(r))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

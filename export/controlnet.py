@@ -60,8 +60,7 @@ def add_to_plan(plan: Any, controlnets: Sequence[str | Path], key: Any, asset_ke
         cfg = read_config(src, unet_cfg)
         cond = int(cfg.get("conditioning_channels", 3))
         spec = controlnet_spec(src.component, plan.dims, levels, mid, cond_channels=cond, config={
-            "controlnet": name, "global_pool_conditions": bool(cfg.get("global_pool_conditions", False)),
-            "source": src.describe()})
+            "controlnet": name, "global_pool_conditions": bool(cfg.get("global_pool_conditions", False))})
         plan.specs[src.component] = spec
         plan.parts[src.component] = PART_PREFIX + name
         plan.component_keys[src.component] = key(src.component, src.fingerprint, spec, None)

@@ -255,3 +255,47 @@ def test_bad_controlnet_sources_are_named_errors_and_change_nothing(tmp_path, cn
     with pytest.raises(ModelSourceError, match="two ControlNets are named"):
         export_model(tiny_model, cn_artifacts, controlnets=[str(a), str(a)])
     assert (cn_artifacts / "manifest.json").read_bytes() == before
+
+
+# ---- CLI --------------------------------------------------------------------------------------------
+def test_cli_run_with_canny_equals_the_python_api(pipe, cn_artifacts, tmp_path):
+    from fixtures import run_cli
+    from PIL import Image
+
+    from sdxl_export.runtime.control_preprocess import control_map as preprocess
+
+    src = tmp_path / "photo.png"
+    test_image(192, 320, seed=9).save(src)
+    out = tmp_path / "out.png"
+    rc, stdout, stderr = run_cli("run", "a street", "--artifacts", str(cn_artifacts), "--control-image", str(src),
+                                 "--controlnet", "cn-b", "--controlnet-scale", "0.8", "--control-start", "0.1",
+                                 "--control-end", "0.9", "--control-module", "canny", "--steps", "3",
+                                 "--seed", "4", "--no-refiner", "--out", str(out), "--backend", "onnxruntime")
+    assert rc == 0, stderr
+    got = np.asarray(Image.open(out).convert("RGB"), dtype=np.int16)
+    cmap = preprocess(Image.open(src), "canny", 192, 320, processor_res=192)
+    assert np.asarray(cmap).any()
+    ref = pipe("a street", control_image=cmap, controlnet="cn-b", controlnet_conditioning_scale=0.8,
+               control_guidance_start=0.1, control_guidance_end=0.9, num_inference_steps=3, seed=4,
+               refiner=False).images[0]
+    assert got.shape == (192, 320, 3)
+    assert int(np.abs(got - np.asarray(ref, dtype=np.int16)).max()) <= 1
+    rc, _, stderr = run_cli("run", "x", "--artifacts", str(cn_artifacts), "--control-image", str(src),
+                            "--controlnet", "cn-b", "--control-module", "openpose", "--no-refiner",
+                            "--out", str(tmp_path / "no.png"))
+    assert rc != 0 and "needs model weights" in stderr and "canny" in stderr
+    assert not (tmp_path / "no.png").exists()
+
+
+def test_bench_reports_the_controlnet_step_ours_and_diffusers(cn_artifacts, tmp_path):
+    from fixtures import run_cli
+
+    out = tmp_path / "cn.json"
+    rc, stdout, stderr = run_cli("bench", "--artifacts", str(cn_artifacts), "--controlnet", "cn-a", "--runs", "1",
+                                 "--buckets", "64x64", "--json", str(out))
+    assert rc == 0, stderr
+    r = json.loads(out.read_text())
+    assert set(r["median_ms"]) == {"ours plain", "ours controlnet", "diffusers plain", "diffusers controlnet"}
+    assert all(v > 0 for v in r["median_ms"].values())
+    assert r["added_by_controlnet"]["controlnet_cn-a"]["size_bytes"] > 0
+    assert "ours vs diffusers" in stdout
