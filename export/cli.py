@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from ..artifacts import DEFAULT_ARTIFACTS
+from ..cli_common import add_lora_option
 from .onnx_tools import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
 
@@ -55,16 +56,6 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--controlnet", dest="controlnets", action="append", default=[], metavar="DIR|FILE",
                    help="an SDXL ControlNet (diffusers folder, or one diffusers-format .safetensors; preset:tiny "
                    "for the seeded test one); repeatable; named after the folder/file stem")
-
-
-def add_lora_option(p: argparse.ArgumentParser, what: str) -> None:
-    """--lora FILE[:SCALE], repeatable (diffusers/PEFT or kohya/A1111 .safetensors)."""
-    from ..lora.files import parse_lora_arg
-
-    p.add_argument("--lora", dest="loras", action="append", type=parse_lora_arg, default=[],
-                   metavar="FILE[:SCALE]", help=f"an SDXL LoRA (.safetensors, diffusers or kohya format), scale "
-                   f"default 1.0; repeatable; {what}")
-
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -43,8 +43,8 @@ import torch
 from ...errors import CorruptArtifactError, InvalidRequestError
 from ...specs import ComponentSpec
 from .base import ComponentRunner
-from .registry import ComponentContext
 from .onnxruntime import _numpy_view  # the same zero-copy view (onnxruntime imported lazily there)
+from .registry import ComponentContext
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ KNOWN_OPTIONS = frozenset({"config"})
 
 
 def available() -> tuple[bool, str]:
-    from ...engines.ov_builder import ov_status
+    from ...openvino_env import ov_status
 
     return ov_status()
 
@@ -67,7 +67,7 @@ class OvRunner(ComponentRunner):
                  cache_dir: Path | None = None, config: Mapping[str, Any] | None = None,
                  engine_entry: Any | None = None, source: str = "export"):
         super().__init__(spec)
-        from ...engines.ov_builder import compile_config
+        from ...openvino_env import compile_config
 
         self.model_path = Path(model_path)
         self.precision = precision
@@ -157,8 +157,8 @@ def create(ctx: ComponentContext) -> OvRunner:
     entry = ctx.engine_entry
     if entry is not None and getattr(entry, "backend", None) == NAME:
         from ...artifacts import ENGINE_DIR
-        from ...engines.ov_builder import CACHE_DIR
         from ...engines.store import OV_DIR
+        from ...openvino_env import CACHE_DIR
 
         return OvRunner(ctx.spec, Path(entry.path), precision=entry.precision,
                         cache_dir=ctx.artifacts / ENGINE_DIR / OV_DIR / CACHE_DIR, config=config,
