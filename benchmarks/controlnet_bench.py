@@ -150,7 +150,7 @@ def cmd(args: Any) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--artifacts", required=True)
     p.add_argument("--size", default="256x256")
     p.add_argument("--rounds", type=int, default=5)

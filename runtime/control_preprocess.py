@@ -152,3 +152,8 @@ def control_map(image: Any, module: Any, height: int, width: int, *, resize_mode
                                                  canonical_resize_mode(resize_mode))
     detected = detect(arr, module, processor_res=processor_res, threshold_a=threshold_a, threshold_b=threshold_b)
     return Image.fromarray(fit(detected, height, width, resize_mode))
+
+
+#: public names (``sdxl_export.runtime.detect_control`` / ``preprocessor_list``)
+detect_control = detect
+preprocessor_list = module_list

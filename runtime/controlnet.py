@@ -66,6 +66,10 @@ def available(runners: Mapping[str, Any]) -> list[str]:
     return sorted(controlnet_of(n) for n in runners if n.startswith(PREFIX))
 
 
+#: the public name (``sdxl_export.runtime.available_controlnets``)
+available_controlnets = available
+
+
 # ---- one call's ControlNet arguments ---------------------------------------------------------------
 @dataclass(frozen=True)
 class ControlUnit:
@@ -260,4 +264,4 @@ class StepControl:
 
 
 __all__ = ["ControlRequest", "ControlUnit", "InvalidControlError", "StepControl", "UnknownControlNetError",
-           "available", "check_control", "check_shapes", "component_names", "control_processor", "control_size"]
+           "available", "available_controlnets", "check_control", "check_shapes", "component_names", "control_processor", "control_size"]

@@ -240,7 +240,7 @@ def build_app(get_service: Callable[[], ImageService | None], config: ServeConfi
         if pipe is not None:
             files = pipe.artifacts.component("unet").get("files") or {}
             sha = next(iter(files.values()), "") or ""
-        from ..runtime.controlnet import available
+        from ..runtime import available_controlnets as available
 
         return a1111_api.Models(base=name, refiner=refiner, sha256=sha or "0" * 64,
                                 controlnets=tuple(available(pipe.runners)) if pipe is not None else ())

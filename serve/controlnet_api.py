@@ -86,11 +86,11 @@ def _unit_map(unit: Mapping[str, Any], where: str, height: int, width: int, *, m
               resize_default: Any = "Crop and Resize") -> Any:
     """The unit's control map at the output size (its preprocessor and A1111 resize rules)."""
     from ..errors import InvalidRequestError
-    from ..runtime import control_preprocess as cp
+    from ..runtime import control_map
 
     img = _image(unit, where)
     try:
-        return cp.control_map(
+        return control_map(
             img, unit.get(module_key) or "none", height, width,
             resize_mode=unit.get("resize_mode") if unit.get("resize_mode") is not None else resize_default,
             processor_res=int(_num(unit, "processor_res", 512, where)) if unit.get("processor_res", 512) != -1
@@ -208,7 +208,7 @@ def admit(control: Any, pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any] | N
     without height/width, the first control image's size -- diffusers' default -- are known here)."""
     if not (isinstance(control, Mapping) and "native" in control):
         return control  # type: ignore[return-value]
-    from ..runtime.controlnet import available
+    from ..runtime import available_controlnets as available
 
     raw = control["native"]
     h, w = kwargs.get("height"), kwargs.get("width")
@@ -257,9 +257,9 @@ def chunk_kwargs(jobs: Sequence[Any]) -> dict[str, Any]:
 
 def scripts(pipe: Any) -> list[str]:
     """``/sdapi/v1/scripts`` entries: "controlnet m2m" when ControlNets are built (webuiapi's test)."""
-    from ..runtime.controlnet import available
+    from ..runtime import available_controlnets
 
-    return [SCRIPT_NAME] if pipe is not None and available(pipe.runners) else []
+    return [SCRIPT_NAME] if pipe is not None and available_controlnets(pipe.runners) else []
 
 
 # ---- the extension's own routes ---------------------------------------------------------------------
@@ -267,8 +267,8 @@ def register(app: Any, get_pipe: Any, guarded: Any) -> None:
     """``GET /controlnet/version|model_list|module_list``, ``POST /controlnet/detect``."""
     from fastapi import Request
 
-    from ..runtime import control_preprocess as cp
-    from ..runtime.controlnet import available
+    from ..runtime import available_controlnets as available
+    from ..runtime import detect_control, preprocessor_list
     from .common import png_b64
 
     @app.get("/controlnet/version")
@@ -285,7 +285,7 @@ def register(app: Any, get_pipe: Any, guarded: Any) -> None:
     @app.get("/controlnet/module_list")
     @guarded
     async def cn_modules(request: Request) -> Any:
-        return {"module_list": cp.module_list()}
+        return {"module_list": preprocessor_list()}
 
     @app.post("/controlnet/detect")
     @guarded
@@ -307,7 +307,7 @@ def register(app: Any, get_pipe: Any, guarded: Any) -> None:
                 img = decode_image(raw, f"controlnet_images[{i}]")
                 res = body.get("controlnet_processor_res", 512)
                 try:
-                    m = cp.detect(img, body.get("controlnet_module", "none"),
+                    m = detect_control(img, body.get("controlnet_module", "none"),
                                   processor_res=int(res) if isinstance(res, (int, float)) and res > 0 else 512,
                                   threshold_a=body.get("controlnet_threshold_a"),
                                   threshold_b=body.get("controlnet_threshold_b"))
