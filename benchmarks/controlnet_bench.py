@@ -119,8 +119,9 @@ def bench(artifacts: str | Path, size: tuple[int, int], rounds: int = 5, control
 
 
 def table(r: dict[str, Any]) -> str:
-    lines = [f"ControlNet step benchmark ({r['size']}, batch {r['batch']}, {r['rounds']} rounds, "
-             f"{r['threads']} torch threads)", "", "| step | median ms |", "|---|---|"]
+    title = (f"ControlNet step benchmark ({r['size']}, batch {r['batch']}, {r['rounds']} rounds, "
+             f"{r['threads']} torch threads)")
+    lines = [title, "", "| step | median ms |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in r["median_ms"].items()]
     o, s = r["controlnet_overhead"], r["speedup_vs_diffusers"]
     lines += ["", f"ControlNet step / plain step: ours {o['ours']:.2f}x, diffusers {o['diffusers']:.2f}x",

@@ -225,6 +225,8 @@ class ExportPlan:
                            for a, p in self.asset_parts.items()}
         #: component -> the model part it traces (ControlNets: ``controlnet:<name>``)
         self.parts = dict(COMPONENT_PARTS)
+        #: ControlNet name -> its checked source (export/controlnet.py)
+        self.controlnets: dict[str, Any] = {}
         from . import controlnet as _cn
 
         _cn.add_to_plan(self, controlnets, lambda name, fp, spec, part: sha256_json(

@@ -169,7 +169,7 @@ def _check_safetensors(path: Path) -> list[str]:
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
             if path.stat().st_size < 8 + n + end:
                 raise ValueError(f"file is {path.stat().st_size} bytes, its header needs {8 + n + end}")
-    except Exception as exc:  # safetensors raises its own SafetensorError / OSError variants
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError / OSError variants
         raise ControlNetSourceError(f"ControlNet {path} is not a readable safetensors file ({exc})",
                                     "download it again (it looks truncated or corrupt)") from None
     return keys
@@ -270,7 +270,7 @@ def read_config(src: ControlNetSource, unet_cfg: Mapping[str, Any]) -> dict[str,
         from safetensors import safe_open
 
         with safe_open(str(src.path), framework="pt") as f:
-            shapes = {k: _Shape(tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+            shapes = {k: _Shape(tuple(f.get_slice(k).get_shape())) for k in f.keys()}  # noqa: SIM118 - a safetensors handle, not a dict
         cfg = infer_config(shapes, unet_cfg, str(src.path))
     check_fits(cfg, unet_cfg, src.name)
     return cfg
@@ -300,10 +300,10 @@ def load_controlnet(src: ControlNetSource, unet_cfg: Mapping[str, Any], unet: An
     for f in files:
         try:
             state.update(load_file(str(f)))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - safetensors' errors are not one class
             raise ControlNetSourceError(f"cannot read ControlNet weights {f} ({exc})",
                                         "download it again (it looks truncated or corrupt)") from None
-    model = ControlNetModel(**cfg)
+    model: Any = ControlNetModel(**cfg)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:

@@ -34,7 +34,6 @@ NEED_WEIGHTS = ("depth_midas", "depth_zoe", "depth_leres", "depth_anything", "op
 RESIZE_MODES = {"just resize": "just_resize", "resize": "just_resize", "0": "just_resize",
                 "crop and resize": "crop", "inner fit": "crop", "inner_fit": "crop", "1": "crop",
                 "resize and fill": "fill", "outer fit": "fill", "outer_fit": "fill", "2": "fill"}
-DEFAULTS = {"canny": (100.0, 200.0), "tile_resample": (1.0, None)}
 
 
 class UnknownPreprocessorError(InvalidRequestError):
@@ -103,13 +102,12 @@ def detect(image: Any, module: Any, *, processor_res: int = 512, threshold_a: fl
     h, w = arr.shape[:2]
     res = int(processor_res) if processor_res and int(processor_res) > 0 else min(h, w)
     k = res / min(h, w)
-    work = _resize(arr, int(round(w * k)), int(round(h * k)))
+    work = _resize(arr, round(w * k), round(h * k))
     if name == "canny":
         import cv2
 
-        lo, hi = DEFAULTS["canny"]
-        lo = lo if threshold_a is None or threshold_a < 0 else float(threshold_a)
-        hi = hi if threshold_b is None or threshold_b < 0 else float(threshold_b)
+        lo = 100.0 if threshold_a is None or threshold_a < 0 else float(threshold_a)  # A1111's defaults
+        hi = 200.0 if threshold_b is None or threshold_b < 0 else float(threshold_b)
         edges = cv2.Canny(work, lo, hi)
         return np.stack([edges] * 3, -1)
     # tile_resample: downsample by the rate (threshold_a, >= 1)

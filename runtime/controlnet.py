@@ -161,7 +161,7 @@ def check_control(runners: Mapping[str, Any], processor: Any, *, control_image: 
     for n, img, s, a, b in zip(names, images, scales, starts, ends):
         spec = runners[component_name(n)].spec
         pixels = preprocess(processor, img, height, width)
-        want = int(dict((t.name, t) for t in spec.inputs)["controlnet_cond"].shape[1])
+        want = int({t.name: t for t in spec.inputs}["controlnet_cond"].shape[1])
         if pixels.shape[1] != want:
             raise InvalidControlError(f"ControlNet {n!r} takes {want}-channel control images, got "
                                       f"{pixels.shape[1]} channels", f"pass an RGB image ({want} channels)")

@@ -22,12 +22,11 @@ from diffusers import (
     StableDiffusionXLControlNetImg2ImgPipeline,
     StableDiffusionXLControlNetPipeline,
 )
-from test_img2img import test_image
-from test_parity_diffusers import LATENT_TOL, PIXEL_TOL
-
-from sdxl_export.errors import InvalidImageError, InvalidRequestError, ModelSourceError
+from sdxl_export.errors import InvalidImageError, ModelSourceError
 from sdxl_export.runtime import SDXLPipeline
 from sdxl_export.runtime.controlnet import InvalidControlError, UnknownControlNetError
+from test_img2img import test_image
+from test_parity_diffusers import LATENT_TOL, PIXEL_TOL
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ class Reference:
             final["latents"] = kw["latents"].clone()
             return kw
 
-        kw: dict[str, Any] = dict(num_inference_steps=c.steps, guidance_scale=5.0, generator=_generator(c),
+        kw: dict[str, Any] = dict(num_inference_steps=c.steps, guidance_scale=5.0, generator=_generator(c),  # noqa: C408 - keyword arguments of a call
                                   controlnet_conditioning_scale=c.scale, control_guidance_start=c.start,
                                   control_guidance_end=c.end, guess_mode=c.guess)
         with torch.no_grad():
@@ -105,7 +104,7 @@ class Reference:
 
 
 def _ours(pipe: SDXLPipeline, c: Case, **over: Any) -> Any:
-    kw: dict[str, Any] = dict(num_inference_steps=c.steps, guidance_scale=5.0, generator=_generator(c),
+    kw: dict[str, Any] = dict(num_inference_steps=c.steps, guidance_scale=5.0, generator=_generator(c),  # noqa: C408 - keyword arguments of a call
                               control_image=_control(c), controlnet=list(c.nets) if len(c.nets) > 1 else c.nets[0],
                               controlnet_conditioning_scale=c.scale, control_guidance_start=c.start,
                               control_guidance_end=c.end, guess_mode=c.guess, refiner=c.refiner, output_type="np")
@@ -223,7 +222,6 @@ def test_bad_controlnet_sources_are_named_errors_and_change_nothing(tmp_path, cn
                                                                     tmp_path_factory):
     from diffusers import ControlNetModel
     from safetensors.torch import save_file
-
     from sdxl_export.errors import UnsafeCheckpointError
     from sdxl_export.export import export_model
 
@@ -261,13 +259,12 @@ def test_bad_controlnet_sources_are_named_errors_and_change_nothing(tmp_path, cn
 def test_cli_run_with_canny_equals_the_python_api(pipe, cn_artifacts, tmp_path):
     from fixtures import run_cli
     from PIL import Image
-
     from sdxl_export.runtime.control_preprocess import control_map as preprocess
 
     src = tmp_path / "photo.png"
     test_image(192, 320, seed=9).save(src)
     out = tmp_path / "out.png"
-    rc, stdout, stderr = run_cli("run", "a street", "--artifacts", str(cn_artifacts), "--control-image", str(src),
+    rc, _stdout, stderr = run_cli("run", "a street", "--artifacts", str(cn_artifacts), "--control-image", str(src),
                                  "--controlnet", "cn-b", "--controlnet-scale", "0.8", "--control-start", "0.1",
                                  "--control-end", "0.9", "--control-module", "canny", "--steps", "3",
                                  "--seed", "4", "--no-refiner", "--out", str(out), "--backend", "onnxruntime")

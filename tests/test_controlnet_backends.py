@@ -11,10 +11,9 @@ import pytest
 import torch
 from controlnet_util import control_map, controlnet_artifacts, controlnet_sources
 from fixtures import ort_twin_artifacts
-from test_parity_diffusers import LATENT_TOL, PIXEL_TOL
-
 from sdxl_export.errors import UnsupportedShapeError
 from sdxl_export.runtime import SDXLPipeline
+from test_parity_diffusers import LATENT_TOL, PIXEL_TOL
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,7 +69,7 @@ def test_twin_engines_serve_controlnet_like_diffusers(twin_with_controlnet, tiny
 
 
 def test_torch_backend_equals_onnxruntime_with_two_controlnets(cn_artifacts):
-    kw = dict(control_image=[control_map(128, 128, 1), control_map(128, 128, 2)], controlnet=["cn-a", "cn-b"],
+    kw = dict(control_image=[control_map(128, 128, 1), control_map(128, 128, 2)], controlnet=["cn-a", "cn-b"],  # noqa: C408 - keyword arguments of a call
               controlnet_conditioning_scale=[0.8, 0.5], control_guidance_end=[1.0, 0.6], guess_mode=True,
               num_inference_steps=3, refiner=False, seed=3, output_type="np")
     imgs = {}
@@ -89,7 +88,7 @@ def test_openvino_builds_and_runs_controlnet(tmp_path_factory, cn_artifacts):
     a, b = controlnet_sources(tmp_path_factory)
     build(BuildOptions(out=out, backend="openvino", buckets="256x256", batch_sizes=(1,),
                        controlnets=(str(a), str(b)), validate=False))
-    kw = dict(control_image=control_map(256, 256, 5), controlnet="cn-b", num_inference_steps=3, refiner=False,
+    kw = dict(control_image=control_map(256, 256, 5), controlnet="cn-b", num_inference_steps=3, refiner=False,  # noqa: C408 - keyword arguments of a call
               seed=1, output_type="np")
     imgs = {}
     for backend in ("openvino", "onnxruntime"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
-
 from sdxl_export.models import presets
 from sdxl_export.models.controlnet import config_from_unet, infer_config, residual_layout
 from sdxl_export.runtime import control_preprocess as cp
