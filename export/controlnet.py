@@ -53,7 +53,10 @@ def add_to_plan(plan: Any, controlnets: Sequence[str | Path], key: Any, asset_ke
     unet_cfg = plan.source.part_config("unet")
     levels, mid = residual_layout(unet_cfg)
     plan.specs["unet_controlnet"] = unet_controlnet_spec(plan.dims, levels, mid)
-    plan.parts["unet_controlnet"] = "unet"
+    # Its own load of the UNet ("unet#controlnet"), not a second use of the plain UNet's: each is
+    # dropped before ONNX Runtime validates its graph, so the peak stays one UNet + one session
+    # (sharing the module would hold it across the refiner's and VAE's exports).
+    plan.parts["unet_controlnet"] = "unet#controlnet"
     plan.component_keys["unet_controlnet"] = key("unet_controlnet", plan.source.fingerprints["unet"],
                                                  plan.specs["unet_controlnet"], "unet")
     for name, src in sources.items():

@@ -240,6 +240,7 @@ class ExportPlan:
             from . import controlnet as _cn
 
             return _cn.load_part(self, part)
+        part = part.split("#", 1)[0]  # "unet#controlnet": the UNet again, its own copy (export/controlnet.py)
         obj = self.source.load_part(part)
         deltas = [(d[part], scale) for d, scale in self.loras if part in d]
         if deltas:
