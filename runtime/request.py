@@ -50,6 +50,8 @@ class SampleRequest:
     image: torch.Tensor | None = None
     strength: float = 1.0
     refiner_only: bool = False
+    #: ControlNet: the checked runtime.controlnet.ControlRequest, None without ControlNet.
+    control: Any = None
 
     @property
     def batch(self) -> int:

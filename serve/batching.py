@@ -59,6 +59,8 @@ class SamplingParams:
     #: the LoRA set, ``((name, scale), ...)`` sorted (names in the server's LoRA folder); the
     #: pipeline switches sets between calls, so requests are grouped by set
     loras: tuple[tuple[str, float], ...] = ()
+    #: the ControlNet set: ``(((name, scale, start, end), ...), guess_mode)`` or () (serve/controlnet_api.py)
+    controlnets: tuple[Any, ...] = ()
 
     @property
     def guidance(self) -> bool:
@@ -83,6 +85,7 @@ class ImageJob:
     cancelled: threading.Event = field(default_factory=threading.Event)
     started: float | None = None
     image: Any = None  # img2img: this job's input image (PIL)
+    control_images: tuple[Any, ...] = ()  # ControlNet: this job's control map per ControlNet (PIL)
 
 
 @dataclass
@@ -126,6 +129,12 @@ def _img2img_kwargs(jobs: Sequence[ImageJob]) -> dict[str, Any]:
     return {"image": [j.image for j in jobs], "strength": p.strength, "refiner_only": p.refiner_only}
 
 
+def _controlnet_kwargs(jobs: Sequence[ImageJob]) -> dict[str, Any]:
+    from .controlnet_api import chunk_kwargs
+
+    return chunk_kwargs(jobs)
+
+
 def _run_chunk(pipe: Any, jobs: Sequence[ImageJob]) -> list[JobResult]:
     p = jobs[0].params
     negatives = None if p.zero_negative else [j.negative_prompt or "" for j in jobs]
@@ -136,7 +145,7 @@ def _run_chunk(pipe: Any, jobs: Sequence[ImageJob]) -> list[JobResult]:
         generator=[torch.Generator("cpu").manual_seed(j.seed) for j in jobs], scheduler=p.scheduler,
         aesthetic_score=p.aesthetic_score, negative_aesthetic_score=p.negative_aesthetic_score,
         original_size=p.original_size, crops_coords_top_left=p.crops_coords_top_left, target_size=p.target_size,
-        output_type="pil", loras=dict(p.loras), **_img2img_kwargs(jobs),
+        output_type="pil", loras=dict(p.loras), **_img2img_kwargs(jobs), **_controlnet_kwargs(jobs),
     )
     run = time.perf_counter() - t0
     timings = out.timings.to_dict()
