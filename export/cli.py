@@ -60,6 +60,9 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
                    "buckets are planned around it")
     add_default_options(p)
     add_lora_option(p, "fused into the weights before export (only the components it touches re-export)")
+    p.add_argument("--controlnet", dest="controlnets", action="append", default=[], metavar="DIR|FILE",
+                   help="an SDXL ControlNet (diffusers folder, or one diffusers-format .safetensors; preset:tiny "
+                   "for the seeded test one); repeatable; named after the folder/file stem")
 
 
 def add_default_options(p: argparse.ArgumentParser) -> None:
@@ -86,7 +89,8 @@ def run_export(args: argparse.Namespace) -> int:
     result = export_model(
         args.model, args.out, refiner=None if args.no_refiner else args.refiner,
         with_refiner=not args.no_refiner, opset=args.opset, torch_weights=not args.no_torch_weights, vae=args.vae,
-        loras=args.loras, unet=args.unet, defaults=_defaults(args), native_size=args.native_size,
+        loras=args.loras, controlnets=args.controlnets, unet=args.unet, defaults=_defaults(args),
+        native_size=args.native_size,
     )
     print(export_summary(result, args.out))
     return 0

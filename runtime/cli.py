@@ -75,6 +75,9 @@ def register(subparsers: Any) -> None:
     from ..cli_common import add_lora_option
 
     add_lora_option(p, "switched in at run time (no rebuild; torch and onnxruntime backends)")
+    from . import controlnet_cli
+
+    controlnet_cli.add_options(p)
     p.set_defaults(func=cmd_run)
 
 
@@ -93,6 +96,7 @@ def _float_list(text: str) -> list[float]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from . import controlnet_cli
     from .pipeline import SDXLPipeline
 
     with SDXLPipeline.from_artifacts(args.artifacts, backend=args.backend, device=args.device,
@@ -111,7 +115,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                       guidance_scale=args.guidance, denoising_end=args.denoising_end, refiner=refiner,
                       seed=args.seed, num_images_per_prompt=args.num_images, scheduler=args.scheduler,
                       image=args.image, strength=args.strength, refiner_only=args.refiner_only,
-                      mask_image=args.mask, eta=args.eta, timesteps=args.timesteps, sigmas=args.sigmas)
+                      mask_image=args.mask, eta=args.eta, timesteps=args.timesteps, sigmas=args.sigmas,
+                      **controlnet_cli.call_kwargs(args, height, width))
     paths = output_paths(args.out, len(result.images))
     for image, path in zip(result.images, paths):
         try:

@@ -50,6 +50,8 @@ class SampleRequest:
     image: torch.Tensor | None = None
     strength: float = 1.0
     refiner_only: bool = False
+    #: ControlNet: the checked runtime.controlnet.ControlRequest, None without ControlNet.
+    control: Any = None
     #: diffusers' ``eta`` (schedulers whose ``step`` takes it) and custom ``timesteps``/``sigmas``
     eta: float = 0.0
     timesteps: list[int] | None = None

@@ -63,6 +63,8 @@ class SamplingParams:
     eta: float = 0.0
     timesteps: tuple[int, ...] | None = None
     sigmas: tuple[float, ...] | None = None
+    #: the ControlNet set: ``(((name, scale, start, end), ...), guess_mode)`` or () (serve/controlnet_api.py)
+    controlnets: tuple[Any, ...] = ()
 
     @property
     def guidance(self) -> bool:
@@ -87,6 +89,7 @@ class ImageJob:
     cancelled: threading.Event = field(default_factory=threading.Event)
     started: float | None = None
     image: Any = None  # img2img: this job's input image (PIL)
+    control_images: tuple[Any, ...] = ()  # ControlNet: this job's control map per ControlNet (PIL)
 
 
 @dataclass
@@ -130,6 +133,12 @@ def _img2img_kwargs(jobs: Sequence[ImageJob]) -> dict[str, Any]:
     return {"image": [j.image for j in jobs], "strength": p.strength, "refiner_only": p.refiner_only}
 
 
+def _controlnet_kwargs(jobs: Sequence[ImageJob]) -> dict[str, Any]:
+    from .controlnet_api import chunk_kwargs
+
+    return chunk_kwargs(jobs)
+
+
 def _run_chunk(pipe: Any, jobs: Sequence[ImageJob]) -> list[JobResult]:
     p = jobs[0].params
     negatives = None if p.zero_negative else [j.negative_prompt or "" for j in jobs]
@@ -142,7 +151,7 @@ def _run_chunk(pipe: Any, jobs: Sequence[ImageJob]) -> list[JobResult]:
         original_size=p.original_size, crops_coords_top_left=p.crops_coords_top_left, target_size=p.target_size,
         output_type="pil", loras=dict(p.loras), eta=p.eta,
         timesteps=None if p.timesteps is None else list(p.timesteps),
-        sigmas=None if p.sigmas is None else list(p.sigmas), **_img2img_kwargs(jobs),
+        sigmas=None if p.sigmas is None else list(p.sigmas), **_img2img_kwargs(jobs), **_controlnet_kwargs(jobs),
     )
     run = time.perf_counter() - t0
     timings = out.timings.to_dict()

@@ -203,6 +203,10 @@ class ImageService:
         from . import loras as lora_names
 
         self.check_ready()
+        from . import controlnet_api
+
+        control = controlnet_api.admit(kwargs.pop("controlnets", None), self.pipe, kwargs)
+        kwargs.update(controlnet_api.call_kwargs(control))
         cfg = self.config
         lora_key = lora_names.check(loras, cfg.lora_dir)
         if not prompts:
@@ -249,9 +253,11 @@ class ImageService:
             img2img=bool(norm.get("img2img")), strength=norm.get("strength"),
             refiner_only=bool(norm.get("refiner_only")), loras=lora_key, eta=float(norm.get("eta", 0.0)),
             timesteps=_tuple_or_none(norm.get("timesteps")), sigmas=_tuple_or_none(norm.get("sigmas")),
+            controlnets=controlnet_api.batch_key(control),
         )
         return [ImageJob(prompt=p, negative_prompt=None if negatives is None else negatives[i], seed=int(seeds[i]),
-                         params=params, request_id=request_id, index=i, image=images[i] if images else None)
+                         params=params, request_id=request_id, index=i, image=images[i] if images else None,
+                         control_images=tuple(control["images"]) if control else ())
                 for i, p in enumerate(prompts)]
 
     def _admit(self, jobs: Sequence[ImageJob]) -> None:
