@@ -77,6 +77,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="also measure switching to this LoRA set at run time (repeatable): switch ms, UNet step "
                    "with and without it, next to the fused rebuild time")
+    p.add_argument("--fewstep", action="store_true",
+                   help="few-step vs default: a 4-step guidance-free request (SDXL-Lightning's settings, "
+                   "euler_trailing) and the 30-step guidance-5 default, ours vs diffusers, base only")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the full result as JSON")
     p.add_argument("--controlnet", nargs="?", const="", default=None, metavar="NAME",
                    help="with --artifacts: a base step with and without this ControlNet (default the first "
@@ -191,6 +194,22 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fewstep(cfg: Any, args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .fewstep_bench import fewstep_table, run_fewstep_bench
+    from .report import write_json
+
+    # one backend: the first variant (a suite may list several; this compares settings, not backends)
+    result = run_fewstep_bench(replace(cfg, variants=cfg.variants[:1], baseline_bf16=False))
+    if args.json is not None:
+        write_json(result, args.json)
+    print(fewstep_table(result))
+    if args.json is not None:
+        print(f"\nwrote {args.json}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.serve or args.suite == "serve":
         return cmd_serve_bench(args)
@@ -206,6 +225,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .suites import SUITES
 
         SUITES[args.suite].check_machine()
+    if args.fewstep:
+        return _fewstep(cfg, args)
     result = run_bench(cfg)
     if args.json is not None:
         write_json(result, args.json)

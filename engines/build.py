@@ -96,6 +96,23 @@ class BuildOptions:
     ort_optimization: str = ort_builder.DEFAULT_LEVEL
     opset: int = 17
     validate: bool = True
+    #: a UNet file/folder replacing the base UNet (``--unet``: Lightning, DMD2, ...)
+    unet: str | None = None
+    #: sampling defaults recorded in the manifest (``--default-steps/--default-guidance/
+    #: --default-scheduler``, ``--prediction-type``); None: not recorded
+    default_steps: int | None = None
+    default_guidance: float | None = None
+    default_scheduler: str | None = None
+    prediction_type: str | None = None
+    #: the model's native size in pixels when its configs do not say it (``--native-size``)
+    native_size: int | None = None
+
+    def sampling_defaults(self) -> Any:
+        """The checked :class:`~sdxl_export.sampling_defaults.ModelDefaults` to record."""
+        from ..sampling_defaults import ModelDefaults
+
+        return ModelDefaults.checked(self.default_steps, self.default_guidance, self.default_scheduler,
+                                     self.prediction_type)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -120,6 +137,14 @@ class BuildOptions:
             args += ["--refiner", o.refiner]
         if o.vae is not None:
             args += ["--vae", o.vae]
+        if o.unet is not None:
+            args += ["--unet", o.unet]
+        if o.native_size is not None:
+            args += ["--native-size", str(o.native_size)]
+        for flag, value in (("--default-steps", o.default_steps), ("--default-guidance", o.default_guidance),
+                            ("--default-scheduler", o.default_scheduler), ("--prediction-type", o.prediction_type)):
+            if value is not None:
+                args += [flag, str(value)]
         if o.precision != "fp32":
             args.append(f"--{o.precision}")
         if o.vae_precision != d.vae_precision:
@@ -347,7 +372,9 @@ def make_plan(opts: BuildOptions, export_manifest: Mapping[str, Any]) -> Plan:
     specs = specs_from_dicts(c["spec"] for c in export_manifest["components"].values())
     native = int(export_manifest["native_size"])
     buckets = parse_bucket_list(opts.buckets, native)
-    return plan_profiles(specs, native=native, buckets=buckets, batch_sizes=opts.batch_sizes, mode=opts.profiles)
+    recorded = (export_manifest.get("defaults") or {}).get("guidance_scale")
+    return plan_profiles(specs, native=native, buckets=buckets, batch_sizes=opts.batch_sizes, mode=opts.profiles,
+                         guidance=recorded is None or float(recorded) > 1.0)
 
 
 def build(opts: BuildOptions) -> BuildReport:
@@ -369,7 +396,8 @@ def build(opts: BuildOptions) -> BuildReport:
         else:
             log.warning("precision: %s requested, but %s: building fp32", opts.precision, why)
     export_manifest = export_model(opts.model, opts.out, refiner=opts.refiner, with_refiner=opts.with_refiner,
-                                   opset=opts.opset, vae=opts.vae, loras=opts.loras,
+                                   opset=opts.opset, vae=opts.vae, loras=opts.loras, unet=opts.unet,
+                                   defaults=opts.sampling_defaults(), native_size=opts.native_size,
                                    controlnets=opts.controlnets)
     root = Path(opts.out).resolve()
     plan = make_plan(opts, export_manifest)

@@ -70,7 +70,10 @@ def options_from_args(args: argparse.Namespace) -> Any:
 
     return BuildOptions(
         model=args.model, refiner=None if args.no_refiner else args.refiner, with_refiner=not args.no_refiner,
-        vae=args.vae,
+        vae=args.vae, unet=getattr(args, "unet", None), default_steps=getattr(args, "default_steps", None),
+        default_guidance=getattr(args, "default_guidance", None),
+        default_scheduler=getattr(args, "default_scheduler", None),
+        prediction_type=getattr(args, "prediction_type", None), native_size=getattr(args, "native_size", None),
         out=args.out, precision=args.precision, vae_precision=args.vae_precision, buckets=args.buckets,
         batch_sizes=tuple(args.batch_sizes), profiles=args.profiles, backend=args.backend,
         timing_cache=args.timing_cache, workspace_gb=args.workspace_gb,
@@ -130,6 +133,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     opts = options_from_args(args)
     specs, native, source = specs_for_plan(opts.model, opts.refiner, opts.with_refiner, opts.out)
+    if opts.native_size:  # --native-size: the size the export will record (SDXL-Turbo from a single file)
+        native = opts.native_size
     plan = plan_profiles(specs, native=native, buckets=parse_bucket_list(opts.buckets, native),
                          batch_sizes=opts.batch_sizes, mode=opts.profiles)
     if args.json:

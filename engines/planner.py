@@ -182,8 +182,11 @@ def component_batches(spec: ComponentSpec, batch_sizes: Sequence[int]) -> tuple[
     return tuple(sorted({m * b for b in batch_sizes for m in mults}))
 
 
-def opt_batch(spec: ComponentSpec, batch_sizes: Sequence[int]) -> int:
-    return BATCH_MULTIPLIERS.get(spec.kind, (1,))[0] * batch_sizes[0]
+def opt_batch(spec: ComponentSpec, batch_sizes: Sequence[int], guidance: bool = True) -> int:
+    """The batch TensorRT tunes for: the UNets at 2B under classifier-free guidance, B without
+    (a model whose recorded default guidance is <= 1, e.g. SDXL-Lightning/Turbo)."""
+    mults = BATCH_MULTIPLIERS.get(spec.kind, (1,))
+    return (mults[0] if guidance else min(mults)) * batch_sizes[0]
 
 
 def square_bucket(buckets: Sequence[Bucket], native: int) -> Bucket:
@@ -263,10 +266,11 @@ def plan_component(
     *,
     max_area_ratio: float = DEFAULT_MAX_AREA_RATIO,
     max_profiles: int = TRT_MAX_PROFILES,
+    guidance: bool = True,
 ) -> ComponentPlan:
     """Plan one component's profiles (see the module docstring for the modes)."""
     batches = component_batches(spec, batch_sizes)
-    n_opt = opt_batch(spec, batch_sizes)
+    n_opt = opt_batch(spec, batch_sizes, guidance)
     spatial = is_spatial(spec)
     profiles: list[PlannedProfile] = []
     if not spatial:
@@ -305,8 +309,12 @@ def plan_profiles(
     mode: str = DEFAULT_MODE,
     max_area_ratio: float = DEFAULT_MAX_AREA_RATIO,
     max_profiles: int = TRT_MAX_PROFILES,
+    guidance: bool = True,
 ) -> Plan:
-    """Plan every component of ``specs`` for ``buckets`` (default: all, at ``native``)."""
+    """Plan every component of ``specs`` for ``buckets`` (default: all, at ``native``).
+
+    ``guidance=False`` (the model's recorded default guidance is <= 1): the UNets' ``opt`` is
+    tuned at batch B, the batch a guidance-free call runs; 2B stays served either way."""
     if mode not in MODES:
         raise PlanError(f"unknown profile mode {mode!r}", f"use one of: {', '.join(MODES)}")
     chosen = tuple(dict.fromkeys(buckets)) if buckets else buckets_for(native)
@@ -315,7 +323,7 @@ def plan_profiles(
         raise PlanError(f"invalid batch sizes {list(batch_sizes)}", "pass positive integers, e.g. --batch-sizes 1,2")
     comps = {
         name: plan_component(spec, chosen, sizes, mode, native, max_area_ratio=max_area_ratio,
-                             max_profiles=max_profiles)
+                             max_profiles=max_profiles, guidance=guidance)
         for name, spec in specs.items()
     }
     for c in comps.values():

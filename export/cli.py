@@ -52,10 +52,34 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
     ref.add_argument("--no-refiner", action="store_true", help="the base only (no refiner)")
     p.add_argument("--vae", default=None, metavar="DIR|FILE",
                    help="a VAE replacing the model's (diffusers folder or single file, e.g. the fp16-fix VAE)")
+    p.add_argument("--unet", default=None, metavar="FILE|DIR",
+                   help="a UNet replacing the base UNet: a UNet-only .safetensors (e.g. "
+                   "sdxl_lightning_4step_unet.safetensors, DMD2's), a diffusers UNet folder or a model folder")
+    p.add_argument("--native-size", type=int, default=None, metavar="PX",
+                   help="the model's native size when its configs do not say it (SDXL-Turbo as a single file: 512); "
+                   "buckets are planned around it")
+    add_default_options(p)
     add_lora_option(p, "fused into the weights before export (only the components it touches re-export)")
     p.add_argument("--controlnet", dest="controlnets", action="append", default=[], metavar="DIR|FILE",
                    help="an SDXL ControlNet (diffusers folder, or one diffusers-format .safetensors; preset:tiny "
                    "for the seeded test one); repeatable; named after the folder/file stem")
+
+
+def add_default_options(p: argparse.ArgumentParser) -> None:
+    """--default-steps/--default-guidance/--default-scheduler/--prediction-type: recorded in the manifest."""
+    from ..sampling_defaults import PREDICTION_TYPES
+
+    g = p.add_argument_group("sampling defaults (recorded; used when a call does not say)")
+    g.add_argument("--default-steps", type=int, default=None, metavar="N",
+                   help="steps (e.g. 4 for Lightning/DMD2/LCM, 1 for Turbo; built-in 30)")
+    g.add_argument("--default-guidance", type=float, default=None, metavar="G",
+                   help="guidance scale (0 for distilled models: no CFG batch; built-in 5.0)")
+    g.add_argument("--default-scheduler", default=None, metavar="NAME",
+                   help="scheduler (e.g. euler_trailing for Lightning, euler_a_trailing for Turbo, lcm, tcd; "
+                   "built-in euler)")
+    g.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
+                   help="the base scheduler's prediction type when the UNet differs from the model's config "
+                   "(sample: SDXL-Lightning's 1-step x0 UNet)")
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -65,10 +89,18 @@ def run_export(args: argparse.Namespace) -> int:
     result = export_model(
         args.model, args.out, refiner=None if args.no_refiner else args.refiner,
         with_refiner=not args.no_refiner, opset=args.opset, torch_weights=not args.no_torch_weights, vae=args.vae,
-        loras=args.loras, controlnets=args.controlnets,
+        loras=args.loras, controlnets=args.controlnets, unet=args.unet, defaults=_defaults(args),
+        native_size=args.native_size,
     )
     print(export_summary(result, args.out))
     return 0
+
+
+def _defaults(args: argparse.Namespace) -> object:
+    from ..sampling_defaults import ModelDefaults
+
+    return ModelDefaults.checked(args.default_steps, args.default_guidance, args.default_scheduler,
+                                 args.prediction_type)
 
 
 def run_inspect(args: argparse.Namespace) -> int:

@@ -276,6 +276,9 @@ def export_model(
     progress: Progress | None = None,
     vae: str | None = None,
     loras: Sequence[tuple[str | Path, float]] = (),
+    unet: str | None = None,
+    defaults: Any = None,
+    native_size: int | None = None,
     controlnets: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
     """Export every component of ``model`` into ``out_dir``; return the manifest.
@@ -290,10 +293,11 @@ def export_model(
     """
     check_opset(opset)
     source = ModelSource.from_model(model) if isinstance(model, SDXLModel) else resolve_source(
-        model, refiner=refiner, with_refiner=with_refiner, vae=vae)
+        model, refiner=refiner, with_refiner=with_refiner, vae=vae, unet=unet, native_size=native_size)
     out = Path(out_dir)
     previous = prepare_out_dir(out)  # refuse a foreign folder before creating or locking anything
     plan = ExportPlan(source, opset, validate, torch_weights, loras, controlnets)
+    plan.defaults = defaults.to_dict() if defaults is not None else {}  # recorded sampling defaults
     with _writable_locked(out) as created:
         try:
             return _export(plan, out, previous, progress)
@@ -338,10 +342,11 @@ def _export(plan: ExportPlan, out: Path, previous: dict[str, Any] | None, progre
         "assets": {a: kept_assets[a] for a in plan.asset_parts if a in kept_assets},
         "loras": plan.lora_records,
         **({"controlnets": _controlnet_records(plan)} if plan.controlnets else {}),
+        "defaults": plan.defaults,
     }
     if previous and previous.get("complete") and not (todo or unvalidated or assets_todo or stale or stale_assets):
-        same = {k: previous.get(k) for k in ("source", "vae", "opset", "loras", "controlnets")} == {
-            k: manifest.get(k) for k in ("source", "vae", "opset", "loras", "controlnets")}
+        keys = ("source", "vae", "opset", "loras", "controlnets", "defaults")
+        same = {k: previous.get(k) or None for k in keys} == {k: manifest.get(k) or None for k in keys}
         if same:
             log.info("%s is up to date (%d components, source %s %s): no export work done",
                      out, len(plan.specs), source.kind, source.id)

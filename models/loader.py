@@ -271,6 +271,11 @@ class ModelSource:
     fingerprints: dict[str, str]
     #: the separate VAE replacing the base's (``--vae``), None for the model's own
     vae: str | None = None
+    #: the UNet file/folder replacing the base UNet (``--unet``), None for the model's own
+    unet: str | None = None
+    #: the native size in pixels (``--native-size``: SDXL-Turbo's 512 from a single file, whose
+    #: configs are SDXL's), None for the UNet config's ``sample_size`` x the VAE's scale
+    native_size: int | None = None
 
     @property
     def has_refiner(self) -> bool:
@@ -281,7 +286,8 @@ class ModelSource:
         """The manifest's ``source``: what was exported, and its fingerprint (whole and per part)."""
         ident = {"kind": self.kind, "id": self.id, "refiner": self.refiner,
                  "fingerprint": _sha(self.fingerprints), "parts": dict(self.fingerprints)}
-        return ident | ({"vae": self.vae} if self.vae else {})
+        return (ident | ({"vae": self.vae} if self.vae else {}) | ({"unet": self.unet} if self.unet else {})
+                | ({"native_size": self.native_size} if self.native_size else {}))
 
     def part_config(self, part: str) -> dict[str, Any]:
         """The config dict of a model part (text encoders, UNets, VAE), read without weights.
@@ -290,6 +296,13 @@ class ModelSource:
         every init argument); transformers omits values equal to its defaults, which are
         filled in from ``CLIPTextConfig`` only when one is missing.
         """
+        cfg = self._part_config(part)
+        if part == "unet" and self.native_size:
+            scale = 2 ** (len(self._part_config("vae")["block_out_channels"]) - 1)
+            cfg = {**cfg, "sample_size": self.native_size // scale}
+        return cfg
+
+    def _part_config(self, part: str) -> dict[str, Any]:
         origin, where = self.origins[part]
         if origin == "loaded":
             return _config_dict(getattr(where, part))
@@ -300,6 +313,8 @@ class ModelSource:
             return cfg
         if origin == "file":
             return where.part_config(part)
+        if origin == "unet_file":
+            return dict(where.config)
         sub = where if origin == "subfolder" else where / PART_FOLDERS[part]
         cfg = _read_config(lambda: json.loads((sub / "config.json").read_text()), sub)
         if part.startswith("text_encoder") and not {"vocab_size", "hidden_size", "projection_dim"} <= set(cfg):
@@ -335,6 +350,8 @@ class ModelSource:
             from .single_file import load_file_part
 
             return load_file_part(where, part)
+        if origin == "unet_file":
+            return where.load()
         return _load_folder_part(where if origin == "subfolder" else where / PART_FOLDERS[part], part)
 
     def load(self) -> SDXLModel:
@@ -362,7 +379,8 @@ class ModelSource:
         fps = {p: recorded.get(p) or (_sha([whole, p]) if whole else content_fingerprint(model, p)) for p in parts}
         return cls(kind=str(src.get("kind", "loaded")), id=str(src.get("id", "in-memory model")),
                    refiner=src.get("refiner") if model.has_refiner else None,
-                   origins={p: ("loaded", model) for p in parts}, fingerprints=fps, vae=src.get("vae"))
+                   origins={p: ("loaded", model) for p in parts}, fingerprints=fps, vae=src.get("vae"),
+                   unet=src.get("unet"), native_size=src.get("native_size"))
 
 
 def content_fingerprint(model: SDXLModel, part: str) -> str:
@@ -573,7 +591,7 @@ def _source_parts(src: str, role: str, parts: tuple[str, ...]) -> tuple[str, str
 
 
 def resolve_source(model: str = "tiny", refiner: str | None = "same", with_refiner: bool = True,
-                   vae: str | None = None) -> ModelSource:
+                   vae: str | None = None, unet: str | None = None, native_size: int | None = None) -> ModelSource:
     """Check and fingerprint a base (+ refiner) (+ separate VAE) source without loading any weights.
 
     ``model``/``refiner``: a preset, a diffusers folder, a single-file ``.safetensors``
@@ -581,8 +599,17 @@ def resolve_source(model: str = "tiny", refiner: str | None = "same", with_refin
     preset, no refiner for anything else unless one is named (SDXL's refiner is a
     separate checkpoint). ``vae``: a VAE replacing the base's (a diffusers VAE folder, a
     model folder with ``vae/``, a single file or a preset), recorded in the identity.
+    ``unet``: a UNet file or folder replacing the base UNet (:mod:`.unet_file`), likewise.
+    ``native_size``: the model's native size in pixels when its configs do not say it (SDXL-Turbo
+    as a single file is read with SDXL's configs, 1024; it was trained at 512), likewise.
     """
     kind, ident, origins, fps = _source_parts(model, "base", BASE_PARTS)
+    unet_id = None
+    if unet is not None:
+        from .unet_file import unet_origin
+
+        base_cfg = ModelSource(kind=kind, id=ident, refiner=None, origins=origins, fingerprints=fps).part_config("unet")
+        unet_id, origins["unet"], fps["unet"] = unet_origin(str(unet), base_cfg)
     refiner_id: str | None = None
     rsrc = None if not with_refiner or refiner is None else model if refiner == "same" else str(refiner)
     if refiner == "same" and kind != "preset":
@@ -597,15 +624,25 @@ def resolve_source(model: str = "tiny", refiner: str | None = "same", with_refin
         _, vae_id, v_origins, v_fps = _source_parts(str(vae), "vae", ("vae",))
         origins |= v_origins
         fps |= v_fps
-    source = ModelSource(kind=kind, id=ident, refiner=refiner_id, origins=origins, fingerprints=fps, vae=vae_id)
+    source = ModelSource(kind=kind, id=ident, refiner=refiner_id, origins=origins, fingerprints=fps, vae=vae_id,
+                         unet=unet_id, native_size=_check_native(native_size))
     source.dims()  # configs must describe an SDXL base (+ refiner): fail now, not mid-export
     return source
 
 
+def _check_native(native_size: Any) -> int | None:
+    if native_size is None:
+        return None
+    if isinstance(native_size, bool) or not isinstance(native_size, int) or native_size < 64 or native_size % 64:
+        raise errors.ModelSourceError(f"native size must be a multiple of 64 pixels, got {native_size!r}",
+                                      "pass e.g. --native-size 512 (SDXL-Turbo) or leave it out (the configs' size)")
+    return int(native_size)
+
+
 def load_model(model: str = "tiny", refiner: str | None = "same", with_refiner: bool = True,
-               vae: str | None = None) -> SDXLModel:
-    """Load base (+ refiner) from a preset, a diffusers folder, a single file or a hub id (+ a VAE)."""
-    return resolve_source(model, refiner, with_refiner, vae).load()
+               vae: str | None = None, unet: str | None = None) -> SDXLModel:
+    """Load base (+ refiner) from a preset, a diffusers folder, a single file or a hub id (+ a VAE, a UNet)."""
+    return resolve_source(model, refiner, with_refiner, vae, unet).load()
 
 
 def build_preset(name: str = "tiny", with_refiner: bool = True) -> SDXLModel:

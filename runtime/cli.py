@@ -41,11 +41,20 @@ def register(subparsers: Any) -> None:
     p.add_argument("--height", type=int, default=None, help="pixels, multiple of 8 (default: the model's native)")
     p.add_argument("--width", type=int, default=None, help="pixels, multiple of 8 (default: the model's native)")
     p.add_argument("--bucket", action="store_true", help="snap height/width to the nearest SDXL aspect bucket")
-    p.add_argument("--steps", type=int, default=30, help="inference steps (default 30)")
-    p.add_argument("--guidance", type=float, default=5.0, help="guidance scale (default 5.0; <= 1 turns it off)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="inference steps (default: the model's recorded default, else 30)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale (<= 1 turns it off; default: the model's recorded default, else 5.0)")
     p.add_argument("--seed", type=int, default=None, help="seed (default: random, printed)")
-    p.add_argument("--scheduler", default="euler", metavar="NAME",
-                   help=f"sampler: {', '.join(scheduler_names())} (default euler)")
+    p.add_argument("--scheduler", default=None, metavar="NAME",
+                   help="sampler, optionally with a schedule type: "
+                   f"{', '.join(scheduler_names()[:15])}, + _karras/_exponential/_beta/_trailing/_uniform "
+                   "(e.g. dpmpp_2m_karras, euler_trailing; default: the model's recorded default, else euler)")
+    p.add_argument("--eta", type=float, default=0.0, help="eta for schedulers that take it (DDIM, TCD; default 0)")
+    p.add_argument("--timesteps", type=_int_list, default=None, metavar="T,T,...",
+                   help="explicit timesteps instead of --steps, e.g. 999,749,499,249 (DMD2 with lcm)")
+    p.add_argument("--sigmas", type=_float_list, default=None, metavar="S,S,...",
+                   help="explicit sigmas instead of --steps (schedulers that take them, e.g. euler)")
     p.add_argument("--denoising-end", type=float, default=0.8, metavar="F",
                    help="fraction of denoising done by the base before the refiner (default 0.8)")
     p.add_argument("--no-refiner", action="store_true", help="base only")
@@ -72,6 +81,20 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_run)
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid timesteps {text!r} (expected e.g. 999,749,499,249)") from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid sigmas {text!r} (expected e.g. 14.6,3.0,0.9,0.2)") from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from . import controlnet_cli
     from .pipeline import SDXLPipeline
@@ -92,7 +115,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                       guidance_scale=args.guidance, denoising_end=args.denoising_end, refiner=refiner,
                       seed=args.seed, num_images_per_prompt=args.num_images, scheduler=args.scheduler,
                       image=args.image, strength=args.strength, refiner_only=args.refiner_only,
-                      mask_image=args.mask, **controlnet_cli.call_kwargs(args, height, width))
+                      mask_image=args.mask, eta=args.eta, timesteps=args.timesteps, sigmas=args.sigmas,
+                      **controlnet_cli.call_kwargs(args, height, width))
     paths = output_paths(args.out, len(result.images))
     for image, path in zip(result.images, paths):
         try:

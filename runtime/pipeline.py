@@ -45,12 +45,14 @@ from . import img2img
 from .artifact_reader import REQUIRED_COMPONENTS, Artifacts, export_fix, read_artifacts
 from .backends import ComponentContext, create_runner, resolve_backend
 from .backends.base import ComponentRunner
+from .model_defaults import ModelDefaults, with_schedule_args
 from .prompts import EncodedPrompts, PromptEncoder
 from .request import SampleRequest, check_img2img, check_request, repeat_per_image
 from .schedulers import (
     SchedulerFactory,
     base_timesteps,
     cut_at_end,
+    prepare_scheduler,
     refiner_timesteps,
     step_kwargs,
     strength_timesteps,
@@ -112,7 +114,9 @@ class SDXLPipeline:
         self.vae_scale = artifacts.specs["unet"].vae_scale
         self.latent_channels = int(artifacts.specs["unet"].inputs[0].shape[1])
         self.vae_config = artifacts.vae
-        self._schedulers = SchedulerFactory(artifacts.scheduler_config())
+        #: steps, guidance and scheduler a call without them runs (the build's recorded defaults)
+        self.defaults = ModelDefaults.from_artifacts(artifacts)
+        self._schedulers = SchedulerFactory(self.defaults.scheduler_config(artifacts.scheduler_config()))
         self._refiner_schedulers = (SchedulerFactory(artifacts.scheduler_config(refiner=True))
                                     if self.has_refiner else None)
         self._image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale)
@@ -267,16 +271,17 @@ class SDXLPipeline:
     # ---- sampling --------------------------------------------------------------------------------
     def __call__(
         self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
-        height: int | None = None, width: int | None = None, num_inference_steps: int = 30,
-        guidance_scale: float = 5.0, denoising_end: float = 0.8, refiner: bool = True, seed: int | None = None,
+        height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
+        guidance_scale: float | None = None, denoising_end: float = 0.8, refiner: bool = True, seed: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None, num_images_per_prompt: int = 1,
-        scheduler: str = "euler", original_size: tuple[int, int] | None = None,
+        scheduler: str | None = None, original_size: tuple[int, int] | None = None,
         crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
         aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5, output_type: str = "pil",
         image: Any = None, strength: float | None = None, refiner_only: bool = False, mask_image: Any = None,
         loras: Mapping[str | Path, float] | None = None, control_image: Any = None, controlnet: Any = None,
         controlnet_conditioning_scale: Any = 1.0, control_guidance_start: Any = 0.0,
-        control_guidance_end: Any = 1.0, guess_mode: bool = False,
+        control_guidance_end: Any = 1.0, guess_mode: bool = False, eta: float = 0.0,
+        timesteps: list[int] | None = None, sigmas: list[float] | None = None,
     ) -> SDXLPipelineOutput:
         """Generate images; arguments mean what they mean in diffusers' SDXL pipelines.
 
@@ -306,6 +311,12 @@ class SDXLPipeline:
         one per ControlNet), ``controlnet`` (a name or list of names; default the only one built),
         ``controlnet_conditioning_scale``, ``control_guidance_start``/``_end`` (per ControlNet or one
         for all), ``guess_mode``. The refiner takes no ControlNet.
+
+        ``num_inference_steps``, ``guidance_scale``, ``scheduler``: default the model's recorded
+        defaults (:attr:`defaults`; ``build --default-steps/--default-guidance/--default-scheduler``),
+        else 30, 5.0, ``"euler"``. ``eta``, ``timesteps``, ``sigmas`` mean what they mean in
+        diffusers' SDXL pipelines (``eta`` goes to schedulers whose ``step`` takes it: DDIM, TCD;
+        custom ``timesteps``/``sigmas`` replace the step count, e.g. DMD2's ``[999, 749, 499, 249]``).
         """
         t0 = time.perf_counter()
         req = self._request(
@@ -318,7 +329,7 @@ class SDXLPipeline:
             strength=strength, refiner_only=refiner_only, mask_image=mask_image, control_image=control_image,
             controlnet=controlnet, controlnet_conditioning_scale=controlnet_conditioning_scale,
             control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
-            guess_mode=guess_mode,
+            guess_mode=guess_mode, eta=eta, timesteps=timesteps, sigmas=sigmas,
         )
         lset = self._default_loras if loras is None else self.loras.resolve(loras)
         with self.loras.session(lset) as switched:
@@ -369,19 +380,23 @@ class SDXLPipeline:
                 "guidance_scale": req.guidance_scale, "guidance": req.guidance, "refiner": req.refiner,
                 "denoising_end": req.denoising_end, "batch": req.batch, "img2img": req.image is not None,
                 "strength": req.strength if req.image is not None else None, "refiner_only": req.refiner_only,
-                "controlnets": req.control.key if req.control is not None else ()}
+                "controlnets": req.control.key if req.control is not None else (),
+                "eta": req.eta, "timesteps": req.timesteps, "sigmas": req.sigmas}
 
     def _request(self, *, prompt: Any, negative_prompt: Any, height: int | None = None,
-                 width: int | None = None, num_inference_steps: int = 30, guidance_scale: float = 5.0,
+                 width: int | None = None, num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  denoising_end: float = 0.8, refiner: bool = True, seed: int | None = None,
-                 generator: Any = None, num_images_per_prompt: int = 1, scheduler: str = "euler",
+                 generator: Any = None, num_images_per_prompt: int = 1, scheduler: str | None = None,
                  original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
                  target_size: tuple[int, int] | None = None, aesthetic_score: float = 6.0,
                  negative_aesthetic_score: float = 2.5, output_type: str = "pil", image: Any = None,
                  strength: float | None = None, refiner_only: bool = False, mask_image: Any = None,
                  control_image: Any = None, controlnet: Any = None, controlnet_conditioning_scale: Any = 1.0,
                  control_guidance_start: Any = 0.0, control_guidance_end: Any = 1.0,
-                 guess_mode: bool = False) -> SampleRequest:
+                 guess_mode: bool = False, eta: float = 0.0, timesteps: Any = None,
+                 sigmas: Any = None) -> SampleRequest:
+        num_inference_steps, guidance_scale, scheduler = self.defaults.fill(num_inference_steps, guidance_scale,
+                                                                            scheduler)
         pixels = None
         if control_image is not None and image is None and (height is None or width is None):
             height, width = _controlnet.control_size(self._control_processor, control_image, controlnet)
@@ -398,6 +413,7 @@ class SDXLPipeline:
             negative_aesthetic_score=negative_aesthetic_score, output_type=output_type,
             native=self.native_size, vae_scale=self.vae_scale,
         )
+        req = with_schedule_args(req, eta=eta, timesteps=timesteps, sigmas=sigmas)
         req = check_img2img(req, image=pixels, strength=strength, refiner_only=refiner_only,
                             mask_image=mask_image, default_strength=img2img.DEFAULT_STRENGTH)
         if req.image is not None and "vae_encoder" not in self.runners:
@@ -494,7 +510,7 @@ class SDXLPipeline:
                  latents: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                  req: SampleRequest, timings: StageTimings, control: Any = None) -> torch.Tensor:
         embeds, pooled, time_ids = cond
-        extra = step_kwargs(sched, req.generator)
+        extra = step_kwargs(prepare_scheduler(sched, req.generator), req.generator, req.eta)
         t_feed = timesteps.to(device=self.device, dtype=torch.float32).reshape(-1, 1)
         for i, t in enumerate(timesteps):
             model_in = torch.cat([latents] * 2) if req.guidance else latents
@@ -534,13 +550,13 @@ class SDXLPipeline:
         sched = self._schedulers(req.scheduler)
         end = req.denoising_end if req.refiner else None
         if init is None:
-            timesteps = base_timesteps(sched, req.steps, self.device, end)
+            timesteps = base_timesteps(sched, req.steps, self.device, end, **req.custom_schedule)
             control_steps = len(sched.timesteps)  # diffusers' controlnet_keep: the schedule before the cut
             shape = (req.batch, self.latent_channels, req.height // self.vae_scale, req.width // self.vae_scale)
             latents = randn_tensor(shape, generator=req.generator, device=self.device, dtype=torch.float32)
             latents = latents * sched.init_noise_sigma
         else:  # img2img: noised to the strength's first timestep, then cut at the hand-off
-            timesteps = strength_timesteps(sched, req.steps, self.device, req.strength)
+            timesteps = strength_timesteps(sched, req.steps, self.device, req.strength, **req.custom_schedule)
             control_steps = len(timesteps)
             latents = img2img.add_noise(sched, init, timesteps, req.generator)
             timesteps = cut_at_end(sched, timesteps, end)
@@ -563,10 +579,10 @@ class SDXLPipeline:
         assert self._refiner_schedulers is not None
         sched = self._refiner_schedulers(req.scheduler)
         if req.refiner_only:  # the refiner's img2img on the image latents: strength, noise
-            timesteps = strength_timesteps(sched, req.steps, self.device, req.strength)
+            timesteps = strength_timesteps(sched, req.steps, self.device, req.strength, **req.custom_schedule)
             latents = img2img.add_noise(sched, latents, timesteps, req.generator)
         else:
-            timesteps = refiner_timesteps(sched, req.steps, self.device, req.denoising_end)
+            timesteps = refiner_timesteps(sched, req.steps, self.device, req.denoising_end, **req.custom_schedule)
             # img2img prepare_latents with 4-channel "image" and denoising_start: the latents, no noise.
             latents = latents.to(self.device, torch.float32)
         embeds, pooled = self._conditioning(enc.refiner_embeds, enc.refiner_pooled, enc.refiner_neg_embeds,

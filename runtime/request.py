@@ -52,6 +52,15 @@ class SampleRequest:
     refiner_only: bool = False
     #: ControlNet: the checked runtime.controlnet.ControlRequest, None without ControlNet.
     control: Any = None
+    #: diffusers' ``eta`` (schedulers whose ``step`` takes it) and custom ``timesteps``/``sigmas``
+    eta: float = 0.0
+    timesteps: list[int] | None = None
+    sigmas: list[float] | None = None
+
+    @property
+    def custom_schedule(self) -> dict[str, Any]:
+        """The custom schedule as keyword arguments of :mod:`.schedulers`' timestep helpers."""
+        return {"timesteps": self.timesteps, "sigmas": self.sigmas}
 
     @property
     def batch(self) -> int:

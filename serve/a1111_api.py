@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import __version__
+from .. import samplers as catalog
+from ..errors import InvalidRequestError
 from .common import (
     ParamError,
     ParsedRequest,
@@ -49,24 +51,11 @@ from .common import (
 )
 from .loras import split_prompt_tags
 
-
-@dataclass(frozen=True)
-class Sampler:
-    name: str
-    aliases: tuple[str, ...]
-    scheduler: str  # our runtime's name
-
-
-SAMPLERS = (
-    Sampler("Euler", ("k_euler",), "euler"),
-    Sampler("Euler a", ("k_euler_a",), "euler_a"),
-    Sampler("DPM++ 2M", ("k_dpmpp_2m",), "dpmpp_2m"),
-    Sampler("DPM++ 2M Karras", ("k_dpmpp_2m_ka",), "dpmpp_2m_karras"),
-    Sampler("DDIM", ("ddim",), "ddim"),
-    Sampler("UniPC", ("unipc",), "unipc"),
-)
-#: A1111's ``scheduler`` field (web UI >= 1.9) values we honour, per sampler.
-SCHEDULE_TYPES = {"automatic": None, "karras": "karras"}
+#: A1111's sampler and schedule-type names: the runtime's catalog (diffusers' own A1111 table).
+SAMPLERS = catalog.SAMPLERS
+#: A1111 < 1.9 spelled the schedule into the sampler name; these are still accepted and listed.
+LEGACY_KARRAS = tuple(f"{s.a1111} Karras" for s in catalog.SAMPLERS
+                      if s.a1111 and "karras" in catalog.schedules_for(s.name))
 
 RUN = {"prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height", "sampler_name",
        "sampler_index", "scheduler", "batch_size", "n_iter", "refiner_checkpoint", "refiner_switch_at",
@@ -99,25 +88,13 @@ def _empty(value: Any) -> bool:
     return value is None or value is False or value == 0 or value == "" or value == [] or value == {}
 
 
-def sampler_for(name: str | None, schedule: str | None) -> tuple[Sampler, str]:
+def sampler_for(name: str | None, schedule: str | None) -> tuple[catalog.Sampler, str]:
     """A1111 sampler name (+ schedule type) -> (sampler, runtime scheduler name)."""
-    wanted = (name or "Euler").strip().lower()
-    for s in SAMPLERS:
-        if wanted == s.name.lower() or wanted in s.aliases:
-            break
-    else:
-        raise ParamError("sampler_name", f"sampler {name!r} is not available",
-                         f"use one of: {', '.join(s.name for s in SAMPLERS)} (GET /sdapi/v1/samplers)")
-    key = (schedule or "automatic").strip().lower()
-    if key not in SCHEDULE_TYPES:
-        raise ParamError("scheduler", f"schedule type {schedule!r} is not available",
-                         "use 'Automatic' (or 'Karras' with DPM++ 2M)")
-    if SCHEDULE_TYPES[key] == "karras" and s.scheduler in ("dpmpp_2m", "dpmpp_2m_karras"):
-        return s, "dpmpp_2m_karras"
-    if SCHEDULE_TYPES[key] == "karras":
-        raise ParamError("scheduler", f"schedule type 'Karras' is not available with {s.name}",
-                         "use 'Automatic', or sampler 'DPM++ 2M' with 'Karras'")
-    return s, s.scheduler
+    try:
+        return catalog.from_a1111(name, schedule)
+    except InvalidRequestError as exc:
+        field = "sampler_name" if "sampler" in exc.message else "scheduler"
+        raise ParamError(field, exc.message, exc.hint) from None
 
 
 @dataclass(frozen=True)
@@ -128,6 +105,9 @@ class Models:
     refiner: str | None
     sha256: str
     controlnets: tuple[str, ...] = ()  # the ControlNets built (names for units' "model")
+    #: the model's recorded defaults (``steps``, ``guidance_scale``, ``scheduler``), used when a
+    #: request leaves them out (webuiapi always sends them)
+    defaults: Mapping[str, Any] | None = None
 
     def titles(self) -> dict[str, str]:
         out = {self.base: self.title(self.base)}
@@ -207,8 +187,13 @@ def parse_txt2img(body: Any, *, models: Models, max_images: int,
     if n > max_images:
         raise ParamError("batch_size", f"batch_size x n_iter = {n} images, at most {max_images} per request",
                          "ask for fewer images")
-    sampler_name = get_str(body, "sampler_name") or get_str(body, "sampler_index") or "Euler"
-    sampler, scheduler = sampler_for(sampler_name, get_str(body, "scheduler"))
+    recorded = dict(models.defaults or {})
+    sampler_name = get_str(body, "sampler_name") or get_str(body, "sampler_index")
+    if sampler_name is None and recorded.get("scheduler") and not get_str(body, "scheduler"):
+        scheduler = recorded["scheduler"]
+        sampler = catalog.BY_NAME[catalog.split_name(scheduler)[0]]
+    else:
+        sampler, scheduler = sampler_for(sampler_name or "Euler", get_str(body, "scheduler"))
     refiner_name = get_str(body, "refiner_checkpoint")
     use_refiner = False
     if refiner_name not in (None, "", "None"):
@@ -218,8 +203,8 @@ def parse_txt2img(body: Any, *, models: Models, max_images: int,
             raise ParamError("refiner_checkpoint", f"refiner {refiner_name!r} is not served", f"use {have}")
         use_refiner = True
     switch = get_float(body, "refiner_switch_at", 0.8, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
-    steps = get_int(body, "steps", 20, lo=1)
-    cfg = get_float(body, "cfg_scale", 7.0, lo=0.0)
+    steps = get_int(body, "steps", recorded.get("steps", 20), lo=1)
+    cfg = get_float(body, "cfg_scale", recorded.get("guidance_scale", 7.0), lo=0.0)
     width = get_int(body, "width", 512, lo=8)
     height = get_int(body, "height", 512, lo=8)
     seed = get_int(body, "seed", -1, lo=-1)
@@ -243,7 +228,7 @@ def parse_txt2img(body: Any, *, models: Models, max_images: int,
         kwargs["controlnets"] = control
     parsed = ParsedRequest(prompts=[prompt] * n, negatives=[negative] * n, seeds=seeds_for(seed, n),
                            kwargs=kwargs, echo=dict(body))
-    meta = {"sampler": sampler.name, "schedule": "Karras" if scheduler == "dpmpp_2m_karras" else "Automatic",
+    meta = {"sampler": sampler.a1111, "schedule": catalog.schedule_label(scheduler),
             "batch_size": batch_size, "refiner": models.refiner if use_refiner else None, "switch": switch}
     return parsed, meta
 
@@ -294,12 +279,15 @@ def loras(names: list[str]) -> list[dict[str, Any]]:
 
 
 def samplers() -> list[dict[str, Any]]:
-    return [{"name": s.name, "aliases": list(s.aliases), "options": {}} for s in SAMPLERS]
+    """``GET /sdapi/v1/samplers``: every sampler, then A1111 < 1.9's combined Karras names."""
+    out = catalog.a1111_samplers()
+    out += [{"name": n, "aliases": [], "options": {"scheduler": "karras"}} for n in LEGACY_KARRAS]
+    return out
 
 
 def schedulers() -> list[dict[str, Any]]:
-    return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False},
-            {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False}]
+    """``GET /sdapi/v1/schedulers``: Automatic and the schedule types (A1111's shape)."""
+    return catalog.a1111_schedulers()
 
 
 def sd_models(models: Models, artifacts: str) -> list[dict[str, Any]]:

@@ -243,7 +243,8 @@ def build_app(get_service: Callable[[], ImageService | None], config: ServeConfi
         from ..runtime import available_controlnets as available
 
         return a1111_api.Models(base=name, refiner=refiner, sha256=sha or "0" * 64,
-                                controlnets=tuple(available(pipe.runners)) if pipe is not None else ())
+                                controlnets=tuple(available(pipe.runners)) if pipe is not None else (),
+                                defaults=pipe.defaults.to_dict() if pipe is not None else None)
 
     async def generate(request: Request, parse: Callable[[Any, ImageService], ParsedRequest]) -> list[Any]:
         svc = service()
@@ -314,7 +315,8 @@ def build_app(get_service: Callable[[], ImageService | None], config: ServeConfi
                 "device": str(pipe.device), "native_size": pipe.native_size, "refiner": pipe.has_refiner,
                 "sizes": None if sizes is None else [f"{w}x{h}" for h, w in sizes],
                 "max_batch_size": svc.max_batch, "max_queue": config.max_queue,
-                "max_images_per_request": config.max_images_per_request, "schedulers": list(scheduler_names())}
+                "max_images_per_request": config.max_images_per_request, "schedulers": list(scheduler_names()),
+                "defaults": pipe.defaults.effective()}
 
     # ---- OpenAI ----------------------------------------------------------------------------------------
     @app.get("/v1/models")

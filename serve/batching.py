@@ -59,6 +59,10 @@ class SamplingParams:
     #: the LoRA set, ``((name, scale), ...)`` sorted (names in the server's LoRA folder); the
     #: pipeline switches sets between calls, so requests are grouped by set
     loras: tuple[tuple[str, float], ...] = ()
+    #: diffusers' ``eta`` and a custom schedule (``timesteps`` or ``sigmas``), None for the step count
+    eta: float = 0.0
+    timesteps: tuple[int, ...] | None = None
+    sigmas: tuple[float, ...] | None = None
     #: the ControlNet set: ``(((name, scale, start, end), ...), guess_mode)`` or () (serve/controlnet_api.py)
     controlnets: tuple[Any, ...] = ()
 
@@ -145,7 +149,9 @@ def _run_chunk(pipe: Any, jobs: Sequence[ImageJob]) -> list[JobResult]:
         generator=[torch.Generator("cpu").manual_seed(j.seed) for j in jobs], scheduler=p.scheduler,
         aesthetic_score=p.aesthetic_score, negative_aesthetic_score=p.negative_aesthetic_score,
         original_size=p.original_size, crops_coords_top_left=p.crops_coords_top_left, target_size=p.target_size,
-        output_type="pil", loras=dict(p.loras), **_img2img_kwargs(jobs), **_controlnet_kwargs(jobs),
+        output_type="pil", loras=dict(p.loras), eta=p.eta,
+        timesteps=None if p.timesteps is None else list(p.timesteps),
+        sigmas=None if p.sigmas is None else list(p.sigmas), **_img2img_kwargs(jobs), **_controlnet_kwargs(jobs),
     )
     run = time.perf_counter() - t0
     timings = out.timings.to_dict()

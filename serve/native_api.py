@@ -32,7 +32,7 @@ from .common import (
 KNOWN = {"loras", "prompt", "negative_prompt", "num_images_per_prompt", "height", "width", "num_inference_steps",
          "guidance_scale", "denoising_end", "refiner", "seed", "scheduler", "original_size",
          "crops_coords_top_left", "target_size", "aesthetic_score", "negative_aesthetic_score", "image",
-         "strength", "refiner_only", "mask", "mask_image", "controlnets"}
+         "strength", "refiner_only", "mask", "mask_image", "controlnets", "eta", "timesteps", "sigmas"}
 
 
 def _texts(body: dict[str, Any], key: str) -> list[str] | None:
@@ -44,6 +44,25 @@ def _texts(body: dict[str, Any], key: str) -> list[str] | None:
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         return list(value)
     raise ParamError(key, f"'{key}' must be a string or a non-empty list of strings", f"pass '{key}' as text")
+
+
+def schedule_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """``eta`` (a number >= 0) and a custom schedule: ``timesteps`` (integers) or ``sigmas``
+    (numbers), as diffusers' SDXL pipelines take them; the runtime checks the rest."""
+    out: dict[str, Any] = {}
+    eta = get_float(body, "eta", None, lo=0.0)
+    if eta is not None:
+        out["eta"] = eta
+    for key, kind in (("timesteps", int), ("sigmas", (int, float))):
+        value = body.get(key)
+        if value is None:
+            continue
+        if (not isinstance(value, list) or not value
+                or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value)):
+            raise ParamError(key, f"'{key}' must be a non-empty list of {'integers' if kind is int else 'numbers'}",
+                             f"pass e.g. {'[999, 749, 499, 249]' if kind is int else '[14.6, 3.0, 0.9, 0.2]'}")
+        out[key] = [kind(v) if kind is int else float(v) for v in value]
+    return out
 
 
 def _pair(body: dict[str, Any], key: str) -> tuple[int, int] | None:
@@ -101,6 +120,7 @@ def parse(body: Any, *, has_refiner: bool, max_images: int) -> ParsedRequest:
     scheduler = get_str(body, "scheduler")
     if scheduler is not None:
         kwargs["scheduler"] = scheduler
+    kwargs.update(schedule_fields(body))
     for key in ("original_size", "crops_coords_top_left", "target_size"):
         pair = _pair(body, key)
         if pair is not None:

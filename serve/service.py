@@ -251,7 +251,8 @@ class ImageService:
             crops_coords_top_left=_pair_or_none(kwargs.get("crops_coords_top_left")) or (0, 0),
             target_size=_pair_or_none(kwargs.get("target_size")),
             img2img=bool(norm.get("img2img")), strength=norm.get("strength"),
-            refiner_only=bool(norm.get("refiner_only")), loras=lora_key,
+            refiner_only=bool(norm.get("refiner_only")), loras=lora_key, eta=float(norm.get("eta", 0.0)),
+            timesteps=_tuple_or_none(norm.get("timesteps")), sigmas=_tuple_or_none(norm.get("sigmas")),
             controlnets=controlnet_api.batch_key(control),
         )
         return [ImageJob(prompt=p, negative_prompt=None if negatives is None else negatives[i], seed=int(seeds[i]),
@@ -339,6 +340,10 @@ class ImageService:
             per_call = spent / calls
             self._batch_seconds = per_call if not self._batch_seconds else 0.7 * self._batch_seconds + 0.3 * per_call
         return results
+
+
+def _tuple_or_none(value: Any) -> tuple[Any, ...] | None:
+    return None if value is None else tuple(value)
 
 
 def _pair_or_none(value: Any) -> tuple[int, int] | None:

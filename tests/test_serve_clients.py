@@ -78,7 +78,7 @@ def test_openai_defaults_are_the_runtime_defaults(server, pipe):
     ({"quality": "hd"}, "quality", 400),
     ({"n": 50}, "n", 400),
     ({"extra_body": {"steps": 0}}, "steps", 400),
-    ({"extra_body": {"scheduler": "heun"}}, None, 400),
+    ({"extra_body": {"scheduler": "heun_plus"}}, None, 400),
     ({"extra_body": {"wibble": 1}}, "wibble", 400),
     ({"model": "dall-e-3"}, "model", 404),
 ])
@@ -149,7 +149,7 @@ def test_webuiapi_lists(server):
 @pytest.mark.parametrize("field, value", [("enable_hr", True), ("restore_faces", True), ("tiling", True),
                                           ("subseed_strength", 0.5), ("styles", ["anime"]),
                                           ("alwayson_scripts", {"ControlNet": {"args": [1]}}),
-                                          ("sampler_name", "Heun"), ("width", 333),
+                                          ("sampler_name", "DPM adaptive"), ("width", 333),
                                           ("refiner_checkpoint", "other-refiner"),
                                           ("override_settings", {"sd_model_checkpoint": "other"})])
 def test_webuiapi_values_we_cannot_honour_are_4xx_naming_the_field(server, field, value):

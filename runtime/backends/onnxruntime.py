@@ -176,6 +176,7 @@ class OrtRunner(ComponentRunner):
         self._overrides: dict[str, Any] = {}
         self._initializer_shapes: dict[str, tuple[int, ...]] | None = None
         self._external_initializers: set[str] = set()
+        self._conv_weight_names: set[str] | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def _open_impl(self) -> None:
@@ -262,7 +263,24 @@ class OrtRunner(ComponentRunner):
             for n, value in self._overrides.items():
                 if n not in external:
                     so.add_initializer(n, value)
+            if (so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                    and self._conv_weights() & set(self._overrides)):
+                # ORT_ENABLE_ALL's NCHWc layout transformer re-lays Conv weights from the model
+                # file, not from the overrides (measured: a LoRA on the resnets' convs had no
+                # effect on the CPU provider). EXTENDED keeps the overridden convs exact.
+                log.info("%s: overridden Conv weights: graph optimization ORT_ENABLE_EXTENDED", self.spec.name)
+                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         return ort.InferenceSession(str(self.model_path), so, providers=providers)
+
+    def _conv_weights(self) -> set[str]:
+        """Names of the initializers that are Conv/ConvTranspose weights (read once from the graph)."""
+        if self._conv_weight_names is None:
+            import onnx
+
+            model = onnx.load(str(self.model_path), load_external_data=False)
+            self._conv_weight_names = {n.input[1] for n in model.graph.node
+                                       if n.op_type in ("Conv", "ConvTranspose") and len(n.input) > 1}
+        return self._conv_weight_names
 
     # ---- run-time weights ------------------------------------------------------------------------
     weight_keys = "onnx"
