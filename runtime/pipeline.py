@@ -253,7 +253,7 @@ class SDXLPipeline:
         crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
         aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5, output_type: str = "pil",
         image: Any = None, strength: float | None = None, refiner_only: bool = False, mask_image: Any = None,
-        loras: Mapping[str | Path, float] | None = None,
+        loras: Mapping[str | Path, float] | None = None, callback_on_step_end: Any = None,
     ) -> SDXLPipelineOutput:
         """Generate images; arguments mean what they mean in diffusers' SDXL pipelines.
 
@@ -277,6 +277,11 @@ class SDXLPipeline:
         ``loras``: this call's LoRA set (``{file_or_name: scale}``, ``{}`` for none); default the
         set of :meth:`set_loras`. A call with another set than the active one waits for the calls
         in flight, then switches (see the class docstring).
+
+        ``callback_on_step_end(pipe, i, t, callback_kwargs)``: diffusers' per-step callback, after
+        each denoising step of each stage; ``callback_kwargs`` holds ``latents`` plus ``stage``
+        (``"unet"``/``"refiner_unet"``) and ``stage_steps``; a returned ``{"latents": x}`` replaces
+        them; an exception it raises stops the call there (how servers cancel a running job).
         """
         t0 = time.perf_counter()
         req = self._request(
@@ -288,6 +293,7 @@ class SDXLPipeline:
             negative_aesthetic_score=negative_aesthetic_score, output_type=output_type, image=image,
             strength=strength, refiner_only=refiner_only, mask_image=mask_image,
         )
+        req.on_step = callback_on_step_end
         lset = self._default_loras if loras is None else self.loras.resolve(loras)
         with self.loras.session(lset) as switched:
             out = self._generate(req, timings=StageTimings(), t0=t0)
@@ -457,6 +463,9 @@ class SDXLPipeline:
                 uncond, text = noise_pred.chunk(2)
                 noise_pred = uncond + req.guidance_scale * (text - uncond)
             latents = sched.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+            if req.on_step is not None:  # diffusers' callback_on_step_end
+                got = req.on_step(self, i, t, {"latents": latents, "stage": stage, "stage_steps": len(timesteps)})
+                latents = (got or {}).get("latents", latents)
         return latents
 
     def _conditioning(self, embeds: torch.Tensor, pooled: torch.Tensor, neg_embeds: torch.Tensor | None,

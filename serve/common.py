@@ -29,6 +29,8 @@ class ParamError(InvalidRequestError):
         super().__init__(message, hint)
         self.param = param
         self.code = code
+        if code in ("model_not_found", "sampler_not_found"):
+            self.http_status = 404
 
 
 @dataclass
@@ -43,6 +45,45 @@ class ParsedRequest:
     echo: dict[str, Any] = field(default_factory=dict)
     #: img2img: the input image of each output image (PIL), else None.
     images: list[Any] | None = None
+    #: What the server changed and says so (``--size-policy nearest``: the size snapped).
+    notes: list[str] = field(default_factory=list)
+
+
+#: Deepest JSON nesting a body may have: every API's body is an object of scalars, lists and
+#: small objects; deeper bodies only exercise parsers (Python's json recursion, FastAPI's encoder).
+MAX_JSON_DEPTH = 32
+
+
+def loads_json(raw: bytes) -> Any:
+    """A request body as JSON; malformed, or nested deeper than :data:`MAX_JSON_DEPTH`, is a 400."""
+    import json
+
+    try:
+        value = json.loads(raw or b"null")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ParamError("body", f"the request body is not valid JSON ({exc})", "send a JSON object") from None
+    except RecursionError:
+        value = None
+        depth = MAX_JSON_DEPTH + 1
+    else:
+        depth = json_depth(value, MAX_JSON_DEPTH)
+    if depth > MAX_JSON_DEPTH:
+        raise ParamError("body", f"the request body nests deeper than {MAX_JSON_DEPTH} levels",
+                         "send a flat JSON object (the API's fields)")
+    return value
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """Nesting depth of a parsed JSON value, counted without recursion; stops past ``limit``."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def body_dict(body: Any) -> dict[str, Any]:
@@ -115,7 +156,8 @@ def seeds_for(seed: int | None, n: int, key: str = "seed") -> list[int]:
 
 def decode_image(value: Any, key: str) -> Any:
     """An uploaded image (base64, or a ``data:image/...;base64,`` URL as webuiapi sends it) as an
-    RGB PIL image; anything else is a :class:`ParamError` naming ``key``."""
+    RGB PIL image; anything else is a :class:`ParamError` naming ``key``. Images over the
+    request's pixel cap (``limits.MAX_IMAGE_PIXELS``) are refused from their header, undecoded."""
     from ..errors import InvalidImageError
     from ..runtime.img2img import read_image
 
@@ -127,8 +169,10 @@ def decode_image(value: Any, key: str) -> Any:
         raw = base64.b64decode(data, validate=True)
     except ValueError:
         raise ParamError(key, f"'{key}' is not valid base64", f"send '{key}' as base64 PNG/JPEG/WebP") from None
+    from .limits import MAX_IMAGE_PIXELS
+
     try:
-        return read_image(raw, what=key)
+        return read_image(raw, what=key, max_pixels=MAX_IMAGE_PIXELS.get())
     except InvalidImageError as exc:
         raise ParamError(key, exc.message, exc.hint) from None
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .limits import FLOAT_BOUNDS
 from .common import (
     ParamError,
     ParsedRequest,
@@ -91,8 +92,9 @@ def parse(body: Any, *, has_refiner: bool, max_images: int) -> ParsedRequest:
         value = get_int(body, key, None, lo=1)
         if value is not None:
             kwargs[key] = value
-    for key, lo in (("guidance_scale", 0.0), ("aesthetic_score", None), ("negative_aesthetic_score", None)):
-        value = get_float(body, key, None, lo=lo)
+    for key in ("guidance_scale", "aesthetic_score", "negative_aesthetic_score"):
+        lo, hi = FLOAT_BOUNDS[key]
+        value = get_float(body, key, None, lo=lo, hi=hi)
         if value is not None:
             kwargs[key] = value
     d = get_float(body, "denoising_end", None, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
