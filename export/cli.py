@@ -65,14 +65,19 @@ def add_lora_option(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from ..progress_bars import component_bar
     from .exporter import export_model
     from .report import export_summary
 
-    result = export_model(
-        args.model, args.out, refiner=None if args.no_refiner else args.refiner,
-        with_refiner=not args.no_refiner, opset=args.opset, torch_weights=not args.no_torch_weights, vae=args.vae,
-        loras=args.loras,
-    )
+    progress, close = component_bar("export")  # drawn only when stderr is a terminal
+    try:
+        result = export_model(
+            args.model, args.out, refiner=None if args.no_refiner else args.refiner,
+            with_refiner=not args.no_refiner, opset=args.opset, torch_weights=not args.no_torch_weights, vae=args.vae,
+            loras=args.loras, progress=progress,
+        )
+    finally:
+        close()
     print(export_summary(result, args.out))
     return 0
 

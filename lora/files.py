@@ -81,7 +81,7 @@ def deltas_bytes(deltas: Deltas) -> int:
 def _delta_of(mod: Any, adapter: str) -> Delta:
     """One peft layer's delta at weight 1: low-rank factors for a plain Linear LoRA (no DoRA,
     no fan-in/fan-out transpose), else peft's own dense ``get_delta_weight``."""
-    import torch.nn as nn
+    from torch import nn
 
     plain = (isinstance(mod.lora_A[adapter], nn.Linear) and isinstance(mod.lora_B[adapter], nn.Linear)
              and not getattr(mod, "fan_in_fan_out", False) and not getattr(mod, "use_dora", {}).get(adapter, False)
@@ -304,5 +304,21 @@ def _quiet() -> Iterator[None]:
             t_logging.enable_progress_bar()
 
 
-__all__ = ["LowRank", "dense", "deltas_bytes", "LORA_NAME", "available_loras", "is_lora_name", "LORA_PARTS", "MAX_ABS_SCALE", "Deltas", "LoraFile", "check_scale", "config_objects", "fuse_into", "lora_deltas",
-           "parse_lora_arg", "resolve_lora"]
+__all__ = [
+    "LORA_NAME",
+    "LORA_PARTS",
+    "MAX_ABS_SCALE",
+    "Deltas",
+    "LoraFile",
+    "LowRank",
+    "available_loras",
+    "check_scale",
+    "config_objects",
+    "deltas_bytes",
+    "dense",
+    "fuse_into",
+    "is_lora_name",
+    "lora_deltas",
+    "parse_lora_arg",
+    "resolve_lora",
+]

@@ -42,8 +42,8 @@ from ..buckets import nearest_bucket
 from ..errors import ArtifactError, MissingComponentError, NumericalError, UnsupportedShapeError
 from . import img2img
 from .artifact_reader import REQUIRED_COMPONENTS, Artifacts, export_fix, read_artifacts
-from .backends.base import ComponentRunner
 from .backends import ComponentContext, create_runner, resolve_backend
+from .backends.base import ComponentRunner
 from .prompts import EncodedPrompts, PromptEncoder
 from .request import SampleRequest, check_img2img, check_request, repeat_per_image
 from .schedulers import (

@@ -281,6 +281,8 @@ def txt2img_response(images_b64: list[str], parsed: ParsedRequest, meta: Mapping
         "clip_skip": 1, "is_using_inpainting_conditioning": False, "version": f"sdxl-export {__version__}",
         "infotexts": [infotext(p, n, s, kw, meta, models) for p, n, s in zip(parsed.prompts, negs, parsed.seeds)],
     }
+    if parsed.notes:  # what the server changed (--size-policy nearest), as the web UI has no field for it
+        info["sdxl_export_notes"] = list(parsed.notes)
     return {"images": images_b64 if send_images else [], "parameters": parsed.echo, "info": json.dumps(info)}
 
 
@@ -371,7 +373,9 @@ def parse_infotext(text: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     last = lines[-1] if len(lines) > 1 and ": " in lines[-1] else ""
     body = lines[:-1] if last else lines
-    prompt, negative, in_negative = [], [], False
+    prompt: list[str] = []
+    negative: list[str] = []
+    in_negative = False
     for line in body:
         if line.startswith("Negative prompt:"):
             in_negative = True

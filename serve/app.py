@@ -155,7 +155,7 @@ def build_app(get_service: Callable[[], ImageService | None], config: ServeConfi
     module); they reach the service through :func:`~sdxl_export.serve.context.ctx` and should
     use :func:`~sdxl_export.serve.routes.new_router`. ``max_in_flight``: requests in flight
     beyond which new ones get 503, probes excepted."""
-    from .routes import a1111, native, ops, openai
+    from .routes import a1111, native, openai, ops
 
     app = FastAPI(title="sdxl-export", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json")

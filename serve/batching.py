@@ -280,7 +280,8 @@ class EmbeddedBatcher:
         client interrupted): their futures are answered and nothing keeps their input images.
         Returns how many were still waiting."""
         ids = {id(j) for j in jobs}
-        keep, gone = [], []
+        keep: list[tuple[ImageJob, asyncio.Future[Any]]] = []
+        gone: list[tuple[ImageJob, asyncio.Future[Any]]] = []
         for item in self._pending:
             (gone if id(item[0]) in ids else keep).append(item)
         self._pending[:] = keep

@@ -170,9 +170,8 @@ def _convert(value: Any, hint: Any) -> Any:
 
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        if (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))) and type(None) in args:
+            return None
         inner = [a for a in args if a is not type(None)]
         return _convert(value, inner[0])
     if hint is bool:

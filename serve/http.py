@@ -111,7 +111,7 @@ class GuardedRoute(APIRoute):
                 return await handler(request)
             except (SDXLExportError, RequestValidationError, HTTPException):
                 raise
-            except Exception as exc:  # noqa: BLE001 - every failure becomes a response
+            except Exception as exc:
                 raise UnexpectedError(type(exc).__name__, None) from exc
 
         return guarded
@@ -125,7 +125,7 @@ def install(app: FastAPI, get_service: Callable[[], Any]) -> None:
         return exception_response(request, exc, get_service)
 
     async def on_validation(request: Request, exc: Exception) -> Response:
-        errors = getattr(exc, "errors", lambda: [])()
+        errors: list[dict[str, Any]] = list(getattr(exc, "errors", list)())
         first = errors[0] if errors else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query"))
         err = InvalidRequestError(f"invalid field {where or 'body'}: {first.get('msg', 'invalid value')}",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from .limits import FLOAT_BOUNDS
 from .common import (
     ParamError,
     ParsedRequest,
@@ -29,6 +28,7 @@ from .common import (
     reject_unknown,
     seeds_for,
 )
+from .limits import FLOAT_BOUNDS
 
 KNOWN = {"loras", "prompt", "negative_prompt", "num_images_per_prompt", "height", "width", "num_inference_steps",
          "guidance_scale", "denoising_end", "refiner", "seed", "scheduler", "original_size",
@@ -94,9 +94,9 @@ def parse(body: Any, *, has_refiner: bool, max_images: int) -> ParsedRequest:
             kwargs[key] = value
     for key in ("guidance_scale", "aesthetic_score", "negative_aesthetic_score"):
         lo, hi = FLOAT_BOUNDS[key]
-        value = get_float(body, key, None, lo=lo, hi=hi)
-        if value is not None:
-            kwargs[key] = value
+        number = get_float(body, key, None, lo=lo, hi=hi)
+        if number is not None:
+            kwargs[key] = number
     d = get_float(body, "denoising_end", None, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
     if d is not None:
         kwargs["denoising_end"] = d

@@ -100,9 +100,8 @@ def test_a_failed_refit_never_leaves_active_naming_a_set_the_engine_lost():
         pass
     assert np.all(engine.weights["w"] == 1.0) and sw.active.key == SETS["a"].key
     engine.fail_refit = True  # TensorRT: "if False is returned, a subset of weights may have been refitted"
-    with pytest.raises(RefitFailedError):
-        with sw.session(SETS["b"]):
-            pass
+    with pytest.raises(RefitFailedError), sw.session(SETS["b"]):
+        pass
     # the engine holds b's values now (the fake refit wrote them), and the rollback failed too:
     # the switcher must not claim that a is active
     assert sw.active.key != SETS["a"].key and sw.active is UNKNOWN
@@ -129,9 +128,8 @@ def test_a_failed_refit_that_rolls_back_keeps_the_previous_set():
             raise RefitFailedError("unet (tensorrt): TensorRT's refit failed", "retry")
 
     runner.set_weights = fail_once
-    with pytest.raises(RefitFailedError):
-        with sw.session(SETS["b"]):
-            pass
+    with pytest.raises(RefitFailedError), sw.session(SETS["b"]):
+        pass
     assert sw.active.key == SETS["a"].key and np.all(engine.weights["w"] == 1.0)
 
 

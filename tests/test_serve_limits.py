@@ -10,6 +10,7 @@ import json
 import socket
 import threading
 import time
+from typing import ClassVar
 
 import pytest
 from serve_helpers import ServerProcess, request
@@ -174,9 +175,9 @@ def test_deterministic_500_says_do_not_retry(served):
     from sdxl_export.serve.http import exception_response
 
     class Req:
-        scope = {"state": {"request_id": "r1"}}
+        scope: ClassVar[dict] = {"state": {"request_id": "r1"}}
 
-        class url:  # noqa: N801 - mimics starlette's Request.url
+        class url:
             path = "/v1/generate"
 
     resp = exception_response(Req(), NumericalError("the VAE decode produced NaN/Inf", "decode in fp32"),

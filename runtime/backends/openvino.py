@@ -43,8 +43,8 @@ import torch
 from ...errors import CorruptArtifactError, InvalidRequestError
 from ...specs import ComponentSpec
 from .base import ComponentRunner
-from .registry import ComponentContext
 from .onnxruntime import _numpy_view  # the same zero-copy view (onnxruntime imported lazily there)
+from .registry import ComponentContext
 
 log = logging.getLogger(__name__)
 

@@ -98,7 +98,6 @@ async def set_options(request: Request) -> None:
     c = ctx(request)
     body = body_dict(loads_json(await request.body()))
     a1111_api.check_options(body, c.models(c.ready_service()))
-    return None
 
 
 @router.get("/sd-vae", response_model=list[A1111Vae])
@@ -162,10 +161,8 @@ async def progress(request: Request, skip_current_image: bool = False) -> Any:
 @router.post("/interrupt", response_model=None)
 async def interrupt(request: Request) -> None:
     ctx(request).service().interrupt()
-    return None
 
 
 @router.post("/skip", response_model=None)
 async def skip(request: Request) -> None:
     ctx(request).service().progress.skip()
-    return None
