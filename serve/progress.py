@@ -78,6 +78,35 @@ class ProgressTracker:
         self.version = 0        # bumped on every change (the SSE stream polls it)
         #: the last call stopped between steps: request id, steps done, steps it would have run
         self.last_stop: dict[str, Any] | None = None
+        #: event-loop queues of the SSE streams: every change is put on each (no step is lost
+        #: between two polls); (loop, queue) pairs, guarded by _lock
+        self._subscribers: list[tuple[Any, Any]] = []
+
+    # ---- subscribers (SSE) -------------------------------------------------------------------------
+    def subscribe(self) -> Any:
+        """An ``asyncio.Queue`` on the running loop receiving a snapshot (without preview) per change."""
+        import asyncio
+
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        with self._lock:
+            self._subscribers.append((asyncio.get_running_loop(), queue))
+        return queue
+
+    def unsubscribe(self, queue: Any) -> None:
+        with self._lock:
+            self._subscribers = [(lp, q) for lp, q in self._subscribers if q is not queue]
+
+    def _publish(self) -> None:
+        with self._lock:
+            subs = list(self._subscribers)
+        if not subs:
+            return
+        snap = self.snapshot()
+        for loop, queue in subs:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, snap)
+            except RuntimeError:  # that loop is closed: its stream is gone
+                self.unsubscribe(queue)
 
     # ---- the worker side ----------------------------------------------------------------------------
     def begin(self, jobs: Sequence[Any], kind: str = "txt2img") -> None:
@@ -92,6 +121,7 @@ class ProgressTracker:
             self._skip = self._interrupted = self._skipped = False
             self._request_id = jobs[0].request_id or None
             self.version += 1
+        self._publish()
 
     def end(self) -> None:
         with self._lock:
@@ -99,6 +129,7 @@ class ProgressTracker:
             self._latents = None
             self._step = self._steps = 0
             self.version += 1
+        self._publish()
 
     def callback(self, interrupt_epoch: int) -> Any:
         """The ``callback_on_step_end`` for one pipeline call started at ``interrupt_epoch``."""
@@ -119,6 +150,7 @@ class ProgressTracker:
                 if stop:
                     self._interrupted = self._interrupt_epoch != interrupt_epoch
                     self._skipped = self._skip
+            self._publish()
             cancelled = bool(jobs) and all(j.cancelled.is_set() for j in jobs)
             if stop or cancelled:
                 with self._lock:

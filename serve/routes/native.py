@@ -58,19 +58,27 @@ async def progress_stream(request: Request, max_seconds: float = Query(600.0, gt
     svc = ctx(request).service()
 
     async def events() -> AsyncIterator[str]:
-        deadline = time.monotonic() + max_seconds
-        last = -1
-        while time.monotonic() < deadline:
+        queue = svc.progress.subscribe()  # every step, pushed by the worker (none lost between polls)
+        try:
+            deadline = time.monotonic() + max_seconds
             snap = svc.progress.snapshot()
-            if snap["version"] != last:
-                last = snap["version"]
+            while True:
                 yield f"event: progress\ndata: {json.dumps(_event(snap, svc.waiting))}\n\n"
-            if not snap["running"] and not svc.waiting:
-                yield f"event: done\ndata: {json.dumps(_event(snap, 0))}\n\n"
-                return
-            if await request.is_disconnected():
-                return
-            await asyncio.sleep(0.05)
+                if not snap["running"] and not svc.waiting:
+                    yield f"event: done\ndata: {json.dumps(_event(snap, 0))}\n\n"
+                    return
+                snap = None
+                while snap is None:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or await request.is_disconnected():
+                        return
+                    try:
+                        snap = await asyncio.wait_for(queue.get(), timeout=min(left, 0.5))
+                    except asyncio.TimeoutError:  # no step for a while: report when it went idle
+                        now = svc.progress.snapshot()
+                        snap = None if now["running"] else now
+        finally:
+            svc.progress.unsubscribe(queue)
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
