@@ -321,7 +321,7 @@ def check_options(body: Mapping[str, Any], models: Models) -> None:
     for key, value in body.items():
         if key == "sd_model_checkpoint":
             if value not in (models.base, models.title(models.base)):
-                raise ParamError(key, f"checkpoint {value!r} is not served here",
+                raise ParamError(key, f"sd_model_checkpoint {value!r} is not served here",
                                  f"use {models.title(models.base)} (GET /sdapi/v1/sd-models)", code="unsupported_value")
         elif key in current and value != current[key] and not (key == "sd_vae" and value in ("None", None)):
             raise ParamError(key, f"setting {key}={value!r} cannot be changed on this server",

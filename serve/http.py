@@ -49,9 +49,19 @@ class UnexpectedError(SDXLExportError):
     failure (500; the traceback is in the log under the request id)."""
 
 
+#: this server's own routes, which hints name ("GET /sdapi/v1/loras"): not file-system paths
+_ROUTE_PREFIXES = ("/v1/", "/sdapi/", "/healthz", "/readyz", "/metrics", "/openapi.json")
+
+
 def scrub_paths(text: str) -> str:
-    """``text`` with every absolute path cut to its last component (``/srv/m/x.onnx`` -> ``x.onnx``)."""
-    return _PATH.sub(lambda m: m.group(1) or "<dir>", text)
+    """``text`` with every absolute path cut to its last component (``/srv/m/x.onnx`` -> ``x.onnx``);
+    the server's own routes stay whole."""
+    def cut(m: re.Match[str]) -> str:
+        if m.group(0).startswith(_ROUTE_PREFIXES):
+            return m.group(0)
+        return m.group(1) or "<dir>"
+
+    return _PATH.sub(cut, text)
 
 
 def flavour(path: str) -> str:

@@ -254,3 +254,10 @@ def test_app_level_in_flight_limit_spares_the_probes(served, tiny_artifacts):
             t.join(30)
         assert c.get("/v1/models").status_code == 200
     assert json.loads(json.dumps(service.progress.snapshot()))["running"] is False
+
+
+def test_scrub_paths_keeps_routes_and_names_only():
+    from sdxl_export.serve.http import scrub_paths
+
+    text = "LoRA /srv/models/loras/x.safetensors does not fit (GET /sdapi/v1/loras, /readyz)"
+    assert scrub_paths(text) == "LoRA x.safetensors does not fit (GET /sdapi/v1/loras, /readyz)"
