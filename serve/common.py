@@ -92,9 +92,15 @@ def body_dict(body: Any) -> dict[str, Any]:
     return body
 
 
+def _value(body: Mapping[str, Any], key: str, default: Any) -> Any:
+    """A field's value; JSON ``null`` means "not given" (the default), as generated clients send it."""
+    value = body.get(key)
+    return default if value is None else value
+
+
 def get_str(body: Mapping[str, Any], key: str, default: str | None = None, *, required: bool = False,
             allow_none: bool = True) -> str | None:
-    value = body.get(key, default)
+    value = _value(body, key, default)
     if value is None:
         if required or not allow_none:
             raise ParamError(key, f"'{key}' is required", f"pass '{key}' as a string", code="missing_required")
@@ -106,7 +112,7 @@ def get_str(body: Mapping[str, Any], key: str, default: str | None = None, *, re
 
 def get_int(body: Mapping[str, Any], key: str, default: int | None, *, lo: int | None = None,
             hi: int | None = None) -> int | None:
-    value = body.get(key, default)
+    value = _value(body, key, default)
     if value is None:
         return None
     if isinstance(value, float) and value.is_integer():
@@ -121,7 +127,7 @@ def get_int(body: Mapping[str, Any], key: str, default: int | None, *, lo: int |
 
 def get_float(body: Mapping[str, Any], key: str, default: float | None, *, lo: float | None = None,
               hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> float | None:
-    value = body.get(key, default)
+    value = _value(body, key, default)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -135,7 +141,7 @@ def get_float(body: Mapping[str, Any], key: str, default: float | None, *, lo: f
 
 
 def get_bool(body: Mapping[str, Any], key: str, default: bool | None) -> bool | None:
-    value = body.get(key, default)
+    value = _value(body, key, default)
     if value is None:
         return None
     if not isinstance(value, bool):
