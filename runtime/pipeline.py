@@ -150,16 +150,22 @@ class SDXLPipeline:
         try:
             for name in names:
                 entry = None
-                if store is not None and _built_for(store, name, chosen):
-                    entry = store.verify(name, backend=chosen)  # named error before any deserialisation
+                # A component the build measured faster on another backend at the same precision runs
+                # there (engines/speed.py: e.g. an fp32 VAE on the ONNX Runtime twin beside OpenVINO).
+                run_on = store.run_on(name, chosen) if store is not None and hasattr(store, "run_on") else chosen
+                options = dict(backend_options or {}) if run_on == chosen else {}
+                if store is not None and _built_for(store, name, run_on):
+                    entry = store.verify(name, backend=run_on)  # named error before any deserialisation
                     if name == "vae_decoder" and getattr(entry, "precision", "fp32") != "fp32":
                         log.warning("the vae_decoder engine runs in %s: SDXL's VAE can overflow below fp32 "
                                     "(NaN is caught and reported); rebuild with --vae-precision fp32",
                                     entry.precision)
                 ctx = ComponentContext(artifacts=arts.root, name=name, spec=arts.specs[name],
                                        export_entry=arts.component(name), engine_entry=entry, device=dev,
-                                       options=dict(backend_options or {}))
-                runners[name] = create_runner(chosen, ctx).open()
+                                       options=options)
+                runners[name] = create_runner(run_on, ctx).open()
+                if run_on != chosen:
+                    log.info("%s runs on %s (measured faster at build than %s)", name, run_on, chosen)
             encoder = PromptEncoder(arts.tokenizer("tokenizer"), arts.tokenizer("tokenizer_2"),
                                     runners["text_encoder"], runners["text_encoder_2"])
             pipe = cls(arts, chosen, dev, runners, encoder)
@@ -204,6 +210,18 @@ class SDXLPipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def random_weights(self) -> str | None:
+        """The embedded random-weight preset these artifacts come from, or None (a real checkpoint)."""
+        return self.artifacts.random_weight_preset
+
+    @property
+    def random_weights_note(self) -> str | None:
+        """One line telling a user the images will be noise (random-weight preset), or None."""
+        from .artifact_reader import random_weights_note
+
+        return random_weights_note(self.artifacts)
 
     @property
     def description(self) -> dict[str, Any]:

@@ -165,7 +165,7 @@ def decode_image(value: Any, key: str) -> Any:
     RGB PIL image; anything else is a :class:`ParamError` naming ``key``. Images over the
     request's pixel cap (``limits.MAX_IMAGE_PIXELS``) are refused from their header, undecoded."""
     from ..errors import InvalidImageError
-    from ..runtime.img2img import read_image
+    from ..runtime import read_image
 
     if not isinstance(value, str) or not value:
         raise ParamError(key, f"'{key}' must be a base64 image (or a data URL), got {type(value).__name__}",
