@@ -163,8 +163,16 @@ def build_app(get_service: Callable[[], ImageService | None], config: ServeConfi
     http.install(app, get_service)
     for router in (ops.router, openai.router, native.router, a1111.router, *routers):
         app.include_router(router)
-    paths = frozenset(getattr(r, "path", "") for r in app.routes)
-    app.add_middleware(GatewayMiddleware, config=config, get_service=get_service, route_paths=lambda: paths,
+    known: dict[str, frozenset[str]] = {}
+
+    def route_paths() -> frozenset[str]:
+        """The routes' paths (metrics label them; anything else is "other"), read once from the
+        schema (FastAPI includes routers lazily)."""
+        if "paths" not in known:
+            known["paths"] = frozenset(app.openapi().get("paths", {})) | {"/openapi.json"}
+        return known["paths"]
+
+    app.add_middleware(GatewayMiddleware, config=config, get_service=get_service, route_paths=route_paths,
                        max_in_flight=max_in_flight)
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware

@@ -59,6 +59,8 @@ def register(subparsers: Any) -> None:
                    help="LoRA .safetensors files requests may name ('loras': {name: scale}; A1111 <lora:name:scale>)")
     p.add_argument("--max-pixels", type=int, default=None, metavar="N",
                    help="pixels (height x width) of one image, output or uploaded (default: the largest served size)")
+    p.add_argument("--max-upload-pixels", type=int, default=4096 * 4096, metavar="N",
+                   help="pixels of one uploaded image, checked before decoding (default 16777216 = 4096x4096)")
     p.add_argument("--size-policy", choices=("exact", "nearest"), default="exact",
                    help="a size the engines do not serve: 400 (exact, default) or run at the nearest served size "
                    "and say so (nearest)")
@@ -89,7 +91,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         warmup=parse_sizes(args.warmup), max_images_per_request=min(args.max_images, args.max_queue),
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
         grace_s=args.grace, cors_origins=tuple(args.cors_origin), model_name=args.model_name,
-        load_refiner=not args.no_refiner, lora_dir=args.lora_dir, max_pixels=args.max_pixels,
+        load_refiner=not args.no_refiner, lora_dir=args.lora_dir, max_pixels=args.max_pixels, max_upload_pixels=args.max_upload_pixels,
         size_policy=args.size_policy, model_aliases=tuple(args.model_alias), max_steps=args.max_steps,
     )
 

@@ -86,8 +86,11 @@ class ServeConfig:
     load_refiner: bool = True
     #: LoRA files requests may name (``{"loras": {name: scale}}``, A1111 ``<lora:name:scale>``).
     lora_dir: Path | None = None
-    #: Pixels (h x w) of one image, output or decoded input; None: the largest served size.
+    #: Pixels (h x w) of one output image; None: the largest served size.
     max_pixels: int | None = None
+    #: Pixels of one uploaded image (init image, mask, control image), checked from its header
+    #: before decoding; uploads are resized to the output size, so they may be larger than it.
+    max_upload_pixels: int = 4096 * 4096
     #: ``exact``: a size the engines do not serve is a 400; ``nearest``: it runs at the nearest
     #: served size and the response says so.
     size_policy: str = "exact"
@@ -108,6 +111,7 @@ class ServeConfig:
             (self.grace_s >= 0, "the grace period must be >= 0"),
             (self.api_key is None or len(self.api_key) >= 8, "--api-key must be at least 8 characters"),
             (self.max_pixels is None or self.max_pixels >= 64 * 64, "--max-pixels must be >= 4096"),
+            (self.max_upload_pixels >= 64 * 64, "--max-upload-pixels must be >= 4096"),
             (self.size_policy in ("exact", "nearest"), "--size-policy must be exact or nearest"),
             (self.max_steps >= 1, "the steps cap must be >= 1"),
         ]

@@ -58,7 +58,7 @@ class AppContext:
         left in ``request.state.parsed`` (its kwargs updated to the values that ran)."""
         svc = self.ready_service()
         raw = await request.body()
-        cap = svc.max_pixels
+        cap = max(svc.max_pixels, self.config.max_upload_pixels)
 
         def parse_capped() -> ParsedRequest:
             token = MAX_IMAGE_PIXELS.set(cap)  # decode_image refuses larger uploads undecoded

@@ -78,4 +78,6 @@ def test_the_server_is_alive_and_serving_after_the_fuzz(fuzz_server):
     assert status == 200, raw
     status, _, raw = request(fuzz_server.url + "/metrics")
     lines = [ln for ln in raw.decode().splitlines() if ln.startswith("sdxl_requests_total{")]
-    assert lines and not any('status="5' in ln for ln in lines), [ln for ln in lines if 'status="5' in ln]
+    # /readyz said 503 while the server loaded (the fixture's polls): the only 5xx allowed
+    bad = [ln for ln in lines if 'status="5' in ln and "/readyz" not in ln]
+    assert lines and not bad, bad

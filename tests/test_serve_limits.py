@@ -67,7 +67,7 @@ def test_uploads_are_capped_from_their_header_before_decoding(served):
     """A header declaring more pixels than the cap is refused as such, before its (truncated)
     data would be decoded; PIL's decompression-bomb error is a 400 too (900 MP, ~100 bytes)."""
     client, _ = served
-    big = base64.b64encode(png_header_only(3000, 3000)).decode()
+    big = base64.b64encode(png_header_only(5000, 5000)).decode()  # over --max-upload-pixels (4096^2)
     r = _native(client, image=big)
     assert r.status_code == 400 and "over the cap" in r.json()["error"]["message"], r.text
     bomb = base64.b64encode(png_header_only(30000, 30000)).decode()
