@@ -91,6 +91,8 @@ class BuildOptions:
     refittable: bool = False
     #: ``(file, scale)`` LoRAs fused before export (``--lora``)
     loras: tuple[tuple[str, float], ...] = ()
+    #: ControlNet folders/files exported (and built) with the model
+    controlnets: tuple[str, ...] = ()
     ort_optimization: str = ort_builder.DEFAULT_LEVEL
     opset: int = 17
     validate: bool = True
@@ -368,7 +370,8 @@ def build(opts: BuildOptions, progress: Callable[[str, int, int], None] | None =
         else:
             log.warning("precision: %s requested, but %s: building fp32", opts.precision, why)
     export_manifest = export_model(opts.model, opts.out, refiner=opts.refiner, with_refiner=opts.with_refiner,
-                                   opset=opts.opset, vae=opts.vae, loras=opts.loras)
+                                   opset=opts.opset, vae=opts.vae, loras=opts.loras,
+                                   controlnets=opts.controlnets)
     root = Path(opts.out).resolve()
     plan = make_plan(opts, export_manifest)
     if backend == BACKEND_TRT:

@@ -66,10 +66,14 @@ def register(subparsers: Any) -> None:
     from ..cli_common import add_lora_option
 
     add_lora_option(p, "switched in at run time (no rebuild; torch and onnxruntime backends)")
+    from . import controlnet_cli
+
+    controlnet_cli.add_options(p)
     p.set_defaults(func=cmd_run)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from . import controlnet_cli
     from .pipeline import SDXLPipeline
 
     with SDXLPipeline.from_artifacts(args.artifacts, backend=args.backend, device=args.device,
@@ -92,7 +96,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                           guidance_scale=args.guidance, denoising_end=args.denoising_end, refiner=refiner,
                           seed=args.seed, num_images_per_prompt=args.num_images, scheduler=args.scheduler,
                           image=args.image, strength=args.strength, refiner_only=args.refiner_only,
-                          mask_image=args.mask, callback_on_step_end=bar)
+                          mask_image=args.mask, callback_on_step_end=bar,
+                          **controlnet_cli.call_kwargs(args, height, width))
         finally:
             bar.close()
     paths = output_paths(args.out, len(result.images))

@@ -40,6 +40,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..artifacts import DEFAULT_ARTIFACTS
 from ..buckets import nearest_bucket
 from ..errors import ArtifactError, MissingComponentError, NumericalError, UnsupportedShapeError
+from . import controlnet as _controlnet
 from . import img2img
 from .artifact_reader import REQUIRED_COMPONENTS, Artifacts, export_fix, read_artifacts
 from .backends import ComponentContext, create_runner, resolve_backend
@@ -115,6 +116,7 @@ class SDXLPipeline:
         self._refiner_schedulers = (SchedulerFactory(artifacts.scheduler_config(refiner=True))
                                     if self.has_refiner else None)
         self._image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale)
+        self._control_processor = _controlnet.control_processor(self.vae_scale)
         self._check_conditioning_dims()
         from ..lora.switch import LoraSet, LoraSwitcher
 
@@ -140,6 +142,7 @@ class SDXLPipeline:
         names = list(REQUIRED_COMPONENTS) + (["refiner_unet"] if load_refiner and arts.has_refiner else [])
         if "vae_encoder" in arts.components:  # img2img; exports always have it, old ones may not
             names.append("vae_encoder")
+        names += _controlnet.component_names(list(arts.components))
         if verify_hashes:
             for name in names:
                 arts.check_files(name, hashes=True)
@@ -271,7 +274,9 @@ class SDXLPipeline:
         crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
         aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5, output_type: str = "pil",
         image: Any = None, strength: float | None = None, refiner_only: bool = False, mask_image: Any = None,
-        loras: Mapping[str | Path, float] | None = None, callback_on_step_end: Any = None,
+        loras: Mapping[str | Path, float] | None = None, control_image: Any = None, controlnet: Any = None,
+        controlnet_conditioning_scale: Any = 1.0, control_guidance_start: Any = 0.0,
+        control_guidance_end: Any = 1.0, guess_mode: bool = False, callback_on_step_end: Any = None,
     ) -> SDXLPipelineOutput:
         """Generate images; arguments mean what they mean in diffusers' SDXL pipelines.
 
@@ -296,6 +301,12 @@ class SDXLPipeline:
         set of :meth:`set_loras`. A call with another set than the active one waits for the calls
         in flight, then switches (see the class docstring).
 
+        ControlNet (:mod:`.controlnet`, as diffusers' ``StableDiffusionXLControlNetPipeline`` and, with
+        ``image=``, ``...ControlNetImg2ImgPipeline``): ``control_image`` (one image/batch, or a list,
+        one per ControlNet), ``controlnet`` (a name or list of names; default the only one built),
+        ``controlnet_conditioning_scale``, ``control_guidance_start``/``_end`` (per ControlNet or one
+        for all), ``guess_mode``. The refiner takes no ControlNet.
+
         ``callback_on_step_end(pipe, i, t, callback_kwargs)``: diffusers' per-step callback, after
         each denoising step of each stage; ``callback_kwargs`` holds ``latents`` plus ``stage``
         (``"unet"``/``"refiner_unet"``) and ``stage_steps``; a returned ``{"latents": x}`` replaces
@@ -309,7 +320,10 @@ class SDXLPipeline:
             scheduler=scheduler, original_size=original_size, crops_coords_top_left=crops_coords_top_left,
             target_size=target_size, aesthetic_score=aesthetic_score,
             negative_aesthetic_score=negative_aesthetic_score, output_type=output_type, image=image,
-            strength=strength, refiner_only=refiner_only, mask_image=mask_image,
+            strength=strength, refiner_only=refiner_only, mask_image=mask_image, control_image=control_image,
+            controlnet=controlnet, controlnet_conditioning_scale=controlnet_conditioning_scale,
+            control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
+            guess_mode=guess_mode,
         )
         req.on_step = callback_on_step_end
         lset = self._default_loras if loras is None else self.loras.resolve(loras)
@@ -342,6 +356,8 @@ class SDXLPipeline:
                 "refiner_steps": refiner_steps, "guidance": req.guidance, "batch": req.batch,
                 "img2img": req.image is not None, "strength": req.strength if req.image is not None else None,
                 "refiner_only": req.refiner_only}
+        if req.control is not None:
+            info["controlnet"] = req.control.describe()
         return SDXLPipelineOutput(images=images, latents=latents, timings=timings, seed=req.seed, info=info)
 
     def check_call(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
@@ -358,7 +374,8 @@ class SDXLPipeline:
         return {"height": req.height, "width": req.width, "steps": req.steps, "scheduler": req.scheduler,
                 "guidance_scale": req.guidance_scale, "guidance": req.guidance, "refiner": req.refiner,
                 "denoising_end": req.denoising_end, "batch": req.batch, "img2img": req.image is not None,
-                "strength": req.strength if req.image is not None else None, "refiner_only": req.refiner_only}
+                "strength": req.strength if req.image is not None else None, "refiner_only": req.refiner_only,
+                "controlnets": req.control.key if req.control is not None else ()}
 
     def _request(self, *, prompt: Any, negative_prompt: Any, height: int | None = None,
                  width: int | None = None, num_inference_steps: int = 30, guidance_scale: float = 5.0,
@@ -367,8 +384,13 @@ class SDXLPipeline:
                  original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
                  target_size: tuple[int, int] | None = None, aesthetic_score: float = 6.0,
                  negative_aesthetic_score: float = 2.5, output_type: str = "pil", image: Any = None,
-                 strength: float | None = None, refiner_only: bool = False, mask_image: Any = None) -> SampleRequest:
+                 strength: float | None = None, refiner_only: bool = False, mask_image: Any = None,
+                 control_image: Any = None, controlnet: Any = None, controlnet_conditioning_scale: Any = 1.0,
+                 control_guidance_start: Any = 0.0, control_guidance_end: Any = 1.0,
+                 guess_mode: bool = False) -> SampleRequest:
         pixels = None
+        if control_image is not None and image is None and (height is None or width is None):
+            height, width = _controlnet.control_size(self._control_processor, control_image, controlnet)
         if image is not None and mask_image is None:
             # The image defines the size (diffusers' img2img); height/width, if given, resize it.
             pixels = img2img.preprocess(self._image_processor, image, height, width)
@@ -387,6 +409,14 @@ class SDXLPipeline:
         if req.image is not None and "vae_encoder" not in self.runners:
             raise MissingComponentError(f"{self.artifacts.root} has no vae_encoder: img2img cannot encode the image",
                                         export_fix(self.artifacts.root))
+        req.control = _controlnet.check_control(
+            self.runners, self._control_processor, control_image=control_image, controlnet=controlnet,
+            scale=controlnet_conditioning_scale, start=control_guidance_start, end=control_guidance_end,
+            guess_mode=guess_mode, height=req.height, width=req.width, batch=req.batch,
+            images_per_prompt=req.images_per_prompt)
+        if req.control is not None and req.refiner_only:
+            raise _controlnet.InvalidControlError("the refiner takes no ControlNet (refiner_only=True)",
+                                                  "drop control_image=, or run the base (refiner_only=False)")
         if req.refiner and not self.has_refiner:
             hint = ("run with refiner=False (--no-refiner)" if not self.artifacts.has_refiner
                     else "open the pipeline with load_refiner=True, or run with refiner=False")
@@ -402,6 +432,8 @@ class SDXLPipeline:
         try:
             self._check_shapes(req.batch, req.height, req.width, guidance=req.guidance, refiner=req.refiner,
                                prompts=len(req.prompts), encode=encode, base=not req.refiner_only)
+            if req.control is not None:
+                _controlnet.check_shapes(self.runners, req.control, req.batch, req.height, req.width, req.guidance)
         except UnsupportedShapeError as exc:
             if req.image is None:
                 raise
@@ -466,7 +498,7 @@ class SDXLPipeline:
 
     def _denoise(self, runner: ComponentRunner, stage: str, sched: Any, timesteps: torch.Tensor,
                  latents: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                 req: SampleRequest, timings: StageTimings) -> torch.Tensor:
+                 req: SampleRequest, timings: StageTimings, control: Any = None) -> torch.Tensor:
         embeds, pooled, time_ids = cond
         extra = step_kwargs(sched, req.generator)
         t_feed = timesteps.to(device=self.device, dtype=torch.float32).reshape(-1, 1)
@@ -475,8 +507,11 @@ class SDXLPipeline:
             model_in = sched.scale_model_input(model_in, t)
             feeds = {"sample": model_in, "timestep": t_feed[i], "encoder_hidden_states": embeds,
                      "text_embeds": pooled, "time_ids": time_ids}
+            run = runner
+            if control is not None:  # ControlNet residuals (runtime/controlnet.py)
+                feeds, run = control(i, feeds, runner)
             with timings.measure(stage):
-                noise_pred = runner(feeds)["noise_pred"]
+                noise_pred = run(feeds)["noise_pred"]
             if req.guidance:
                 uncond, text = noise_pred.chunk(2)
                 noise_pred = uncond + req.guidance_scale * (text - uncond)
@@ -509,11 +544,13 @@ class SDXLPipeline:
         end = req.denoising_end if req.refiner else None
         if init is None:
             timesteps = base_timesteps(sched, req.steps, self.device, end)
+            control_steps = len(sched.timesteps)  # diffusers' controlnet_keep: the schedule before the cut
             shape = (req.batch, self.latent_channels, req.height // self.vae_scale, req.width // self.vae_scale)
             latents = randn_tensor(shape, generator=req.generator, device=self.device, dtype=torch.float32)
             latents = latents * sched.init_noise_sigma
         else:  # img2img: noised to the strength's first timestep, then cut at the hand-off
             timesteps = strength_timesteps(sched, req.steps, self.device, req.strength)
+            control_steps = len(timesteps)
             latents = img2img.add_noise(sched, init, timesteps, req.generator)
             timesteps = cut_at_end(sched, timesteps, end)
         embeds, pooled = self._conditioning(enc.base_embeds, enc.base_pooled, enc.base_neg_embeds,
@@ -523,8 +560,10 @@ class SDXLPipeline:
         if req.guidance:
             ids = torch.cat([ids, ids], dim=0)
         time_ids = ids.to(self.device).repeat(req.batch, 1)
+        control = None if req.control is None else _controlnet.StepControl(
+            self.runners, req.control, control_steps, req.guidance, timings)
         latents = self._denoise(self.runners["unet"], "unet", sched, timesteps, latents,
-                                (embeds, pooled, time_ids), req, timings)
+                                (embeds, pooled, time_ids), req, timings, control)
         return latents, len(timesteps)
 
     def _refine(self, req: SampleRequest, enc: EncodedPrompts, latents: torch.Tensor,

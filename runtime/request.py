@@ -53,6 +53,8 @@ class SampleRequest:
     #: ``callback_on_step_end(pipe, i, t, callback_kwargs)`` (diffusers' shape), called after
     #: every denoising step of either stage; may return ``{"latents": ...}``, may raise to stop.
     on_step: Any = None
+    #: ControlNet: the checked runtime.controlnet.ControlRequest, None without ControlNet.
+    control: Any = None
 
     @property
     def batch(self) -> int:

@@ -129,6 +129,7 @@ class Models:
     base: str
     refiner: str | None
     sha256: str
+    controlnets: tuple[str, ...] = ()  # the ControlNets built (names for units' "model")
 
     def titles(self) -> dict[str, str]:
         out = {self.base: self.title(self.base)}
@@ -161,6 +162,8 @@ def _check_fields(body: Mapping[str, Any], models: Models, img2img: bool = False
             continue
         if key == "override_settings":
             _check_overrides(value, models)
+            continue
+        if key == "alwayson_scripts":  # ControlNet units: serve/controlnet_api.py
             continue
         if key in defaults:
             if value not in defaults[key]:
@@ -237,6 +240,12 @@ def parse_txt2img(body: Any, *, models: Models, max_images: int,
                          "put <lora:name:scale> tags in the prompt")
     if tags:
         kwargs["loras"] = tags
+    from . import controlnet_api
+
+    control = controlnet_api.parse_a1111(body.get("alwayson_scripts"), available=models.controlnets,
+                                         height=int(height or 512), width=int(width or 512))
+    if control is not None:
+        kwargs["controlnets"] = control
     parsed = ParsedRequest(prompts=[prompt] * n, negatives=[negative] * n, seeds=seeds_for(seed, n),
                            kwargs=kwargs, echo=dict(body))
     meta = {"sampler": sampler.name, "schedule": "Karras" if scheduler == "dpmpp_2m_karras" else "Automatic",

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
 
 from .. import __version__
 from . import http
@@ -147,6 +147,16 @@ class GatewayMiddleware:
         access_log.info("id=%s route=%s status=%d %s total_ms=%.1f", rid, route, status, fields, seconds * 1000)
 
 
+def _with_request(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
+    """A route function taking the request, annotated here (where ``Request`` resolves), for
+    modules that register routes on the app with ``@app.get`` (``controlnet_api``)."""
+    async def run(request: Request) -> Any:
+        return await handler(request)
+
+    run.__name__ = handler.__name__
+    return run
+
+
 def build_app(get_service: Callable[[], ImageService | None], config: ServeConfig, *,
               lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
               routers: Sequence[APIRouter] = (), max_in_flight: int | None = None) -> FastAPI:
@@ -163,6 +173,11 @@ def build_app(get_service: Callable[[], ImageService | None], config: ServeConfi
     http.install(app, get_service)
     for router in (ops.router, openai.router, native.router, a1111.router, *routers):
         app.include_router(router)
+    # routes a feature registers on the app itself get the same error handling
+    app.router.route_class = http.GuardedRoute
+    from . import controlnet_api
+
+    controlnet_api.register(app, lambda: getattr(get_service(), "pipe", None), _with_request)
     known: dict[str, frozenset[str]] = {}
 
     def route_paths() -> frozenset[str]:

@@ -59,6 +59,8 @@ class SamplingParams:
     #: the LoRA set, ``((name, scale), ...)`` sorted (names in the server's LoRA folder); the
     #: pipeline switches sets between calls, so requests are grouped by set
     loras: tuple[tuple[str, float], ...] = ()
+    #: the ControlNet set: ``(((name, scale, start, end), ...), guess_mode)`` or () (serve/controlnet_api.py)
+    controlnets: tuple[Any, ...] = ()
 
     @property
     def guidance(self) -> bool:
@@ -83,6 +85,7 @@ class ImageJob:
     cancelled: threading.Event = field(default_factory=threading.Event)
     started: float | None = None
     image: Any = None  # img2img: this job's input image (PIL)
+    control_images: tuple[Any, ...] = ()  # ControlNet: this job's control map per ControlNet (PIL)
     _claim: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def claim(self, now: float) -> bool:
@@ -100,6 +103,7 @@ class ImageJob:
             self.cancelled.set()
             if self.started is None:
                 self.image = None
+                self.control_images = ()
 
 
 @dataclass
@@ -165,6 +169,12 @@ def _run_chunk(pipe: Any, jobs: Sequence[ImageJob], progress: Any = None, epoch:
             for j, img in zip(jobs, out.images)]
 
 
+def _controlnet_kwargs(jobs: Sequence[ImageJob]) -> dict[str, Any]:
+    from .controlnet_api import chunk_kwargs
+
+    return chunk_kwargs(jobs)
+
+
 def _call(pipe: Any, jobs: Sequence[ImageJob], p: SamplingParams, negatives: Any, extra: dict[str, Any]) -> Any:
     return pipe(
         [j.prompt for j in jobs], negatives, height=p.height, width=p.width, num_inference_steps=p.steps,
@@ -172,7 +182,7 @@ def _call(pipe: Any, jobs: Sequence[ImageJob], p: SamplingParams, negatives: Any
         generator=[torch.Generator("cpu").manual_seed(j.seed) for j in jobs], scheduler=p.scheduler,
         aesthetic_score=p.aesthetic_score, negative_aesthetic_score=p.negative_aesthetic_score,
         original_size=p.original_size, crops_coords_top_left=p.crops_coords_top_left, target_size=p.target_size,
-        output_type="pil", loras=dict(p.loras), **_img2img_kwargs(jobs), **extra,
+        output_type="pil", loras=dict(p.loras), **_img2img_kwargs(jobs), **_controlnet_kwargs(jobs), **extra,
     )
 
 

@@ -49,7 +49,10 @@ class AppContext:
         if pipe is not None:
             files = pipe.artifacts.component("unet").get("files") or {}
             sha = next(iter(files.values()), "") or ""
-        return a1111_api.Models(base=name, refiner=refiner, sha256=sha or "0" * 64)
+        from ..runtime import available_controlnets as available
+
+        return a1111_api.Models(base=name, refiner=refiner, sha256=sha or "0" * 64,
+                                controlnets=tuple(available(pipe.runners)) if pipe is not None else ())
 
     async def generate(self, request: Request, parse: Callable[[Any, ImageService], ParsedRequest],
                        job: str = "txt2img") -> list[Any]:

@@ -254,6 +254,10 @@ class ImageService:
         from . import loras as lora_names
 
         self.check_ready()
+        from . import controlnet_api
+
+        control = controlnet_api.admit(kwargs.pop("controlnets", None), self.pipe, kwargs)
+        kwargs.update(controlnet_api.call_kwargs(control))
         cfg = self.config
         lora_key = lora_names.check(loras, cfg.lora_dir)
         if not prompts:
@@ -308,9 +312,11 @@ class ImageService:
             target_size=_pair_or_none(kwargs.get("target_size")),
             img2img=bool(norm.get("img2img")), strength=norm.get("strength"),
             refiner_only=bool(norm.get("refiner_only")), loras=lora_key,
+            controlnets=controlnet_api.batch_key(control),
         )
         return [ImageJob(prompt=p, negative_prompt=None if negatives is None else negatives[i], seed=int(seeds[i]),
-                         params=params, request_id=request_id, index=i, image=images[i] if images else None)
+                         params=params, request_id=request_id, index=i, image=images[i] if images else None,
+                         control_images=tuple(control["images"]) if control else ())
                 for i, p in enumerate(prompts)]
 
     def _admit(self, jobs: Sequence[ImageJob]) -> None:

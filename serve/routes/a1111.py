@@ -121,8 +121,12 @@ async def prompt_styles() -> Any:
 
 
 @router.get("/scripts", response_model=A1111Scripts)
-async def scripts() -> Any:
-    return {"txt2img": [], "img2img": []}
+async def scripts(request: Request) -> Any:
+    from .. import controlnet_api
+
+    svc = ctx(request).get_service()
+    names = controlnet_api.scripts(svc.pipe if svc is not None else None)
+    return {"txt2img": names, "img2img": names}
 
 
 @router.get("/loras", response_model=list[A1111Lora])
