@@ -295,7 +295,9 @@ def register(app: Any, get_pipe: Any, guarded: Any) -> None:
         from ..errors import InvalidRequestError
         from .common import body_dict
 
-        body = body_dict(await request.json())
+        from .common import loads_json
+
+        body = body_dict(loads_json(await request.body()))  # bad JSON: a 400, not a 500
 
         def work() -> list[str]:
             imgs = body.get("controlnet_images")
