@@ -12,6 +12,12 @@ class SDXLExportError(Exception):
     """Base of every error sdxl-export raises on purpose."""
 
     exit_code = 2
+    #: The HTTP status a server answers when this error ends a request (``serve/http.py``):
+    #: 500 unless the request itself was at fault.
+    http_status = 500
+    #: False when the same request would fail the same way again: servers send
+    #: ``x-should-retry: false`` so clients (``openai``) do not re-run it.
+    retryable = True
 
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)
@@ -36,6 +42,8 @@ class ModelSourceError(SDXLExportError):
 class MissingComponentError(SDXLExportError):
     """A model folder or artifact folder lacks a component SDXL needs."""
 
+    http_status = 400  # in a request: it asked for a component (refiner, vae_encoder) not loaded
+
 
 class UnsafeCheckpointError(SDXLExportError):
     """A checkpoint is only available as pickle (.bin/.pt/.ckpt); we load safetensors only."""
@@ -58,6 +66,8 @@ class ExportValidationError(SDXLExportError):
 class ArtifactError(SDXLExportError):
     """An artifact folder is missing, corrupt, or was not written by sdxl-export."""
 
+    retryable = False
+
 
 class IncompatibleManifestError(ArtifactError):
     """A manifest was written by an incompatible version of sdxl-export."""
@@ -74,10 +84,15 @@ class StaleEngineError(ArtifactError):
 class BackendUnavailableError(SDXLExportError):
     """The requested backend (TensorRT, CUDA, ...) is not installed or has no device."""
 
+    retryable = False
+
 
 # --- runtime requests --------------------------------------------------------------------
 class InvalidRequestError(SDXLExportError, ValueError):
     """A sampling request has an invalid argument (size, steps, guidance, ...)."""
+
+    http_status = 400
+    retryable = False
 
 
 class UnknownBucketError(InvalidRequestError):
@@ -108,3 +123,5 @@ class InputMismatchError(SDXLExportError, ValueError):
 
 class NumericalError(SDXLExportError):
     """A stage produced NaN/Inf (for example an fp16 VAE decode overflowing)."""
+
+    retryable = False  # deterministic: the same request overflows again

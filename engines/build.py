@@ -19,7 +19,7 @@ import logging
 import shlex
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -377,8 +377,9 @@ def make_plan(opts: BuildOptions, export_manifest: Mapping[str, Any]) -> Plan:
                          guidance=recorded is None or float(recorded) > 1.0)
 
 
-def build(opts: BuildOptions) -> BuildReport:
-    """Export if needed, then build (or keep) an engine for every component."""
+def build(opts: BuildOptions, progress: Callable[[str, int, int], None] | None = None) -> BuildReport:
+    """Export if needed, then build (or keep) an engine for every component (``progress(name, i,
+    total)`` before each: the command's progress bar)."""
     from ..export import export_model
 
     t_all = time.perf_counter()
@@ -417,7 +418,7 @@ def build(opts: BuildOptions) -> BuildReport:
     engines_dir.mkdir(parents=True, exist_ok=True)
     with folder_lock(engines_dir, "build", "wait for it to finish, or pass another --out"):
         report = _build_engines(opts, root, engines_dir, backend, note, target, plan, export_manifest,
-                                wanted, t_all)
+                                wanted, t_all, progress)
     if cpu_reduced_precision_companion(opts, backend):
         log.info("precision: %s on a CPU with native bf16: also building the OpenVINO bf16 engines "
                  "(`auto` runs them; --backend onnxruntime keeps the exact fp32 twin)", opts.precision)
@@ -446,7 +447,8 @@ def cpu_reduced_precision_companion(opts: BuildOptions, backend: str) -> bool:
 
 
 def _build_engines(opts: BuildOptions, root: Path, engines_dir: Path, backend: str, note: str, target: Any,
-                   plan: Any, export_manifest: dict[str, Any], wanted: Any, t_all: float) -> BuildReport:
+                   plan: Any, export_manifest: dict[str, Any], wanted: Any, t_all: float,
+                   progress: Callable[[str, int, int], None] | None = None) -> BuildReport:
     """The engine phase of :func:`build`, under the engines folder's lock."""
     clean_stale_tmp(engines_dir)
     previous = _load_previous(root)
@@ -496,6 +498,8 @@ def _build_engines(opts: BuildOptions, root: Path, engines_dir: Path, backend: s
 
     total = len(wanted)
     for i, (name, w) in enumerate(wanted.items(), 1):
+        if progress is not None:
+            progress(name, i, total)
         prev = prev_entries.get(name)
         action, why = decide(prev, w, files_ok(root, (prev or {}).get("files", {})))
         if action == "skip":

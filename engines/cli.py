@@ -88,9 +88,14 @@ def options_from_args(args: argparse.Namespace) -> Any:
 
 # ---- commands ---------------------------------------------------------------------------------------
 def cmd_build(args: argparse.Namespace) -> int:
+    from ..progress_bars import component_bar
     from .build import build
 
-    report = build(options_from_args(args))
+    progress, close = component_bar("build")  # drawn only when stderr is a terminal
+    try:
+        report = build(options_from_args(args), progress)
+    finally:
+        close()
     for rep in (report, report.companion):
         if rep is None:
             continue

@@ -83,15 +83,20 @@ def add_default_options(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from ..progress_bars import component_bar
     from .exporter import export_model
     from .report import export_summary
 
-    result = export_model(
-        args.model, args.out, refiner=None if args.no_refiner else args.refiner,
-        with_refiner=not args.no_refiner, opset=args.opset, torch_weights=not args.no_torch_weights, vae=args.vae,
-        loras=args.loras, controlnets=args.controlnets, unet=args.unet, defaults=_defaults(args),
-        native_size=args.native_size,
-    )
+    progress, close = component_bar("export")  # drawn only when stderr is a terminal
+    try:
+        result = export_model(
+            args.model, args.out, refiner=None if args.no_refiner else args.refiner,
+            with_refiner=not args.no_refiner, opset=args.opset, torch_weights=not args.no_torch_weights, vae=args.vae,
+            loras=args.loras, controlnets=args.controlnets, unet=args.unet, defaults=_defaults(args),
+            native_size=args.native_size, progress=progress,
+        )
+    finally:
+        close()
     print(export_summary(result, args.out))
     return 0
 

@@ -23,6 +23,7 @@ import contextlib
 import functools
 import logging
 import math
+import re
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -44,7 +45,52 @@ MAX_ABS_SCALE = 10.0
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")
 _LOAD_LOCK = threading.Lock()  # diffusers/peft loaders mutate global logging state
 
-Deltas = dict[str, dict[str, torch.Tensor]]  # part -> parameter name -> dW at scale 1
+class LowRank:
+    """``dW = up @ down`` kept as its two factors (peft's Linear ``get_delta_weight`` with the
+    scaling folded into ``down``): a rank-r delta of an (o, i) weight costs r * (o + i) numbers,
+    not o * i -- what the switcher's cache holds between switches."""
+
+    __slots__ = ("down", "up")
+
+    def __init__(self, up: torch.Tensor, down: torch.Tensor):
+        self.up, self.down = up, down
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.up.shape[0]), int(self.down.shape[1])
+
+    def nbytes(self) -> int:
+        return self.up.numel() * self.up.element_size() + self.down.numel() * self.down.element_size()
+
+
+Delta = torch.Tensor | LowRank
+Deltas = dict[str, dict[str, Delta]]  # part -> parameter name -> dW at scale 1
+
+
+def dense(delta: Delta) -> torch.Tensor:
+    """A delta as a full tensor (computed when a switch needs it, not kept)."""
+    return delta.up @ delta.down if isinstance(delta, LowRank) else delta
+
+
+def deltas_bytes(deltas: Deltas) -> int:
+    """Bytes one LoRA's deltas hold."""
+    return sum(d.nbytes() if isinstance(d, LowRank) else d.numel() * d.element_size()
+               for part in deltas.values() for d in part.values())
+
+
+def _delta_of(mod: Any, adapter: str) -> Delta:
+    """One peft layer's delta at weight 1: low-rank factors for a plain Linear LoRA (no DoRA,
+    no fan-in/fan-out transpose), else peft's own dense ``get_delta_weight``."""
+    from torch import nn
+
+    plain = (isinstance(mod.lora_A[adapter], nn.Linear) and isinstance(mod.lora_B[adapter], nn.Linear)
+             and not getattr(mod, "fan_in_fan_out", False) and not getattr(mod, "use_dora", {}).get(adapter, False)
+             and mod.get_base_layer().weight.dim() == 2)
+    if plain:
+        up = mod.lora_B[adapter].weight.detach().to(torch.float32).clone()
+        down = (mod.lora_A[adapter].weight.detach().to(torch.float32) * float(mod.scaling[adapter])).clone()
+        return LowRank(up, down)
+    return mod.get_delta_weight(adapter).detach().clone()  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -88,17 +134,43 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-def resolve_lora(name: str | Path, lora_dir: str | Path | None = None) -> LoraFile:
-    """A LoRA named by a file path, or by a name in ``lora_dir`` (``name`` or ``name.safetensors``)."""
-    path = Path(name)
-    candidates = [path]
-    if lora_dir is not None and not path.is_absolute():
-        candidates += [Path(lora_dir) / path, Path(lora_dir) / f"{path}.safetensors"]
+#: A LoRA *name*: a file name in the LoRA folder without ``.safetensors`` (no separators, no
+#: leading dot: never a path).
+LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._()+-]{0,127}$")
+
+
+def is_lora_name(name: str | Path) -> bool:
+    return isinstance(name, str) and bool(LORA_NAME.match(name)) and ".." not in name
+
+
+def available_loras(lora_dir: str | Path | None) -> list[str]:
+    """Names of the LoRA files in ``lora_dir`` (sorted; ``[]`` without a folder)."""
+    if lora_dir is None or not Path(lora_dir).is_dir():
+        return []
+    return sorted(p.stem for p in Path(lora_dir).glob("*.safetensors") if p.is_file() and is_lora_name(p.stem))
+
+
+def resolve_lora(name: str | Path, lora_dir: str | Path | None = None, *, allow_paths: bool = True) -> LoraFile:
+    """The one LoRA resolver (the CLI, ``SDXLPipeline`` and the server use it).
+
+    A *name* (:func:`is_lora_name`: ``style`` or ``style.safetensors``) is looked up in
+    ``lora_dir`` first -- never in the working directory first. Otherwise, and only when
+    ``allow_paths`` (library and CLI callers; never HTTP), ``name`` is a file path.
+    """
+    text = str(name)
+    candidates: list[Path] = []
+    if lora_dir is not None and is_lora_name(text):
+        folder = Path(lora_dir)
+        candidates += [folder / f"{text}.safetensors", folder / text] if not text.endswith(".safetensors") \
+            else [folder / text]
+    if allow_paths:
+        candidates.append(Path(name))
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
-        where = f" (nor in the LoRA folder {lora_dir})" if lora_dir is not None else ""
-        raise InvalidLoraError(f"LoRA file {str(name)!r} does not exist{where}",
-                               "pass the path of a .safetensors LoRA file")
+        where = f" in the LoRA folder {lora_dir}" if lora_dir is not None else ""
+        hint = ("pass the path of a .safetensors LoRA file" if allow_paths else
+                f"use one of: {', '.join(available_loras(lora_dir)) or 'none'}")
+        raise InvalidLoraError(f"LoRA {text!r} does not exist{where}", hint)
     with found.open("rb") as f:
         head = f.read(4)
     if found.suffix.lower() != ".safetensors" or head.startswith(_PICKLE_MAGIC):
@@ -157,8 +229,7 @@ def lora_deltas(lora: LoraFile, configs: Mapping[str, Any]) -> Deltas:
                                            "use a LoRA trained for SDXL")
                 loaded += len(factors)
                 with torch.no_grad():
-                    delta = mod.get_delta_weight(adapter)  # type: ignore[attr-defined]  # on every peft LoRA layer
-                    out.setdefault(part, {})[f"{mod_name}.weight"] = delta.detach().clone()
+                    out.setdefault(part, {})[f"{mod_name}.weight"] = _delta_of(mod, adapter)
     if loaded < len(weights):
         raise InvalidLoraError(
             f"LoRA {lora.path}: {len(weights) - loaded} of its {len(weights)} weights name no layer of this "
@@ -197,14 +268,14 @@ def _skeleton(configs: Mapping[str, Any]) -> Any:
                                      tokenizer_2=None, unet=unet, scheduler=None)
 
 
-def fuse_into(module: torch.nn.Module, deltas: list[tuple[Mapping[str, torch.Tensor], float]]) -> int:
+def fuse_into(module: torch.nn.Module, deltas: list[tuple[Mapping[str, Delta], float]]) -> int:
     """Add ``scale * dW`` of each LoRA into ``module``'s parameters, in order (``fuse_lora``)."""
     params = dict(module.named_parameters())
     with torch.no_grad():
         for delta, scale in deltas:
             for name, d in delta.items():
                 p = params[name]
-                p.add_(d.to(p.dtype) * scale)
+                p.add_(dense(d).to(p.dtype) * scale)
     return sum(len(d) for d, _ in deltas)
 
 
@@ -233,5 +304,21 @@ def _quiet() -> Iterator[None]:
             t_logging.enable_progress_bar()
 
 
-__all__ = ["LORA_PARTS", "MAX_ABS_SCALE", "Deltas", "LoraFile", "check_scale", "config_objects", "fuse_into", "lora_deltas",
-           "parse_lora_arg", "resolve_lora"]
+__all__ = [
+    "LORA_NAME",
+    "LORA_PARTS",
+    "MAX_ABS_SCALE",
+    "Deltas",
+    "LoraFile",
+    "LowRank",
+    "available_loras",
+    "check_scale",
+    "config_objects",
+    "deltas_bytes",
+    "dense",
+    "fuse_into",
+    "is_lora_name",
+    "lora_deltas",
+    "parse_lora_arg",
+    "resolve_lora",
+]

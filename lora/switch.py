@@ -23,6 +23,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,17 @@ from typing import Any
 import torch
 
 from ..errors import InvalidLoraError
-from .files import LORA_PARTS, Deltas, LoraFile, check_scale, config_objects, lora_deltas, resolve_lora
+from .files import (
+    LORA_PARTS,
+    Deltas,
+    LoraFile,
+    check_scale,
+    config_objects,
+    deltas_bytes,
+    dense,
+    lora_deltas,
+    resolve_lora,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +61,23 @@ class LoraSet:
         return [{"name": f.name, "file": str(f.path), "sha256": f.sha256, "scale": s} for f, s in self.items]
 
 
+#: Delta cache bound: LoRA factors are small (a rank-32 SDXL LoRA is ~200 MB in fp32).
+DEFAULT_CACHE_BYTES = 2 << 30
+
+@dataclass(frozen=True)
+class _UnknownSet(LoraSet):
+    """No set is known to be on the runners (a failed switch whose rollback failed too): its
+    key equals no real set's, so the next call of any set switches, rewriting every weight."""
+
+    @property
+    def key(self) -> tuple[tuple[str, float], ...]:
+        return (("<unknown>", 0.0),)
+
+
+#: ``active`` after a switch failed and the previous set could not be restored either.
+UNKNOWN = _UnknownSet()
+
+
 @dataclass
 class _Gate:
     cond: threading.Condition = field(default_factory=threading.Condition)
@@ -65,9 +93,15 @@ class LoraSwitcher:
         self.artifacts = artifacts
         self.runners = {p: runners[p] for p in LORA_PARTS if p in runners}
         self.lora_dir = lora_dir
+        #: False on servers: requests name LoRAs in ``lora_dir``, never file paths
+        self.allow_paths = True
         self.active = LoraSet()
         self.last_switch: dict[str, Any] | None = None
-        self._deltas: dict[str, Deltas] = {}  # sha256 -> deltas
+        #: sha256 -> deltas (low-rank factors where the layer allows), least recently used first;
+        #: bounded by :attr:`max_cached_bytes` (a set in use is re-read if it was evicted)
+        self._deltas: OrderedDict[str, Deltas] = OrderedDict()
+        self.max_cached_bytes = DEFAULT_CACHE_BYTES
+        self._cache_lock = threading.Lock()  # resolve() may run on several threads
         self._base: dict[str, dict[str, torch.Tensor]] = {p: {} for p in self.runners}
         self._gate = _Gate()
         self._configs: dict[str, Any] | None = None
@@ -82,12 +116,32 @@ class LoraSwitcher:
                                    "pass e.g. {'style.safetensors': 0.8}")
         items = []
         for name, scale in loras.items():
-            lora = resolve_lora(name, self.lora_dir)
+            lora = resolve_lora(name, self.lora_dir, allow_paths=self.allow_paths)
             value = check_scale(scale, str(name))
-            if lora.sha256 not in self._deltas:
-                self._deltas[lora.sha256] = lora_deltas(lora, self._model_configs())
+            self._cached(lora)
             items.append((lora, value))
         return LoraSet(tuple(items))
+
+    def _cached(self, lora: LoraFile) -> Deltas:
+        """The deltas of ``lora`` from the bounded cache, computed (diffusers' loader) on a miss."""
+        with self._cache_lock:
+            got = self._deltas.get(lora.sha256)
+            if got is not None:
+                self._deltas.move_to_end(lora.sha256)
+                return got
+        deltas = lora_deltas(lora, self._model_configs())
+        with self._cache_lock:
+            self._deltas[lora.sha256] = deltas
+            self._deltas.move_to_end(lora.sha256)
+            while len(self._deltas) > 1 and sum(map(deltas_bytes, self._deltas.values())) > self.max_cached_bytes:
+                evicted, _ = self._deltas.popitem(last=False)
+                log.info("LoRA cache: evicted %s (over %d MiB)", evicted[:12], self.max_cached_bytes >> 20)
+        return deltas
+
+    @property
+    def cached_bytes(self) -> int:
+        with self._cache_lock:
+            return sum(map(deltas_bytes, self._deltas.values()))
 
     def _model_configs(self) -> dict[str, Any]:
         if self._configs is None:
@@ -110,9 +164,9 @@ class LoraSwitcher:
             base = self._base_values(part, params)
             full = {n: base[n].clone() for n in params if base[n].numel()}  # empty: unused by the graph
             for lora, scale in lset.items:
-                for n, d in self._deltas[lora.sha256].get(part, {}).items():
+                for n, d in self._cached(lora).get(part, {}).items():
                     if n in full:
-                        full[n].add_(d * scale)
+                        full[n].add_(dense(d) * scale)
             out[part] = full
         return out
 
@@ -121,7 +175,7 @@ class LoraSwitcher:
         t0 = time.perf_counter()
         touched = {p: set(self._base[p]) for p in self.runners}
         for lora, _ in lset.items:
-            for part, d in self._deltas[lora.sha256].items():
+            for part, d in self._cached(lora).items():
                 if part not in self.runners:
                     raise InvalidLoraError(f"LoRA {lora.name} touches {part}, which this pipeline did not load",
                                            "open the pipeline with every component")
@@ -129,18 +183,15 @@ class LoraSwitcher:
         touched = {p: n for p, n in touched.items() if n}
         new = self._weights_for(lset, touched)
         per_runner: dict[str, float] = {}
-        done: list[str] = []
-        try:
+        started: list[str] = []  # parts whose runner was asked to change (the failing one too:
+        try:                      # a failed TensorRT refit may have replaced some of its weights)
             for part, weights in new.items():
                 t1 = time.perf_counter()
+                started.append(part)
                 self._set(part, weights)
-                done.append(part)
                 per_runner[part] = round((time.perf_counter() - t1) * 1000, 2)
         except BaseException:
-            back = self._weights_for(self.active, {p: set(self._base[p]) & touched[p] for p in done})
-            for part in done:
-                with contextlib.suppress(Exception):
-                    self._set(part, back[part])
+            self._roll_back(started, touched)
             raise
         self.active = lset
         ms = round((time.perf_counter() - t0) * 1000, 2)
@@ -150,6 +201,18 @@ class LoraSwitcher:
         log.info("LoRA switch on %s: %s in %.1f ms (%d weights rewritten)", backend,
                  ", ".join(f"{f.name}:{s:g}" for f, s in lset.items) or "base", ms, self.last_switch["weights"])
         return self.last_switch
+
+    def _roll_back(self, parts: list[str], touched: Mapping[str, set[str]]) -> None:
+        """Give ``parts`` the active set's weights again; when that fails too, no set is known to
+        be on the runners: ``active`` becomes :data:`UNKNOWN`, so the next call rewrites them."""
+        try:
+            back = self._weights_for(self.active, {p: set(self._base[p]) & touched[p] for p in parts})
+            for part in parts:
+                self._set(part, back[part])
+        except Exception as exc:  # noqa: BLE001 - the original error is what the caller sees
+            log.error("LoRA switch: restoring the previous set failed too (%s); the next call rewrites "
+                      "every LoRA weight", exc)
+            self.active = UNKNOWN
 
     def _set(self, part: str, weights: Mapping[str, torch.Tensor]) -> None:
         runner = self.runners[part]
@@ -215,6 +278,8 @@ class LoraSwitcher:
                         g.switching = mine = True
                         break
                     g.cond.wait()
+                if hold and not mine:
+                    g.in_flight += 1  # in the same critical section as the check: no switch between
             finally:
                 if other:
                     g.waiting_other -= 1
@@ -224,12 +289,12 @@ class LoraSwitcher:
             finally:
                 with g.cond:
                     g.switching = False
+                    if hold and self.active.key == lset.key:
+                        g.in_flight += 1  # before any other thread may see switching=False
                     g.cond.notify_all()
         if not hold:
             yield switched
             return
-        with g.cond:
-            g.in_flight += 1
         try:
             yield switched
         finally:

@@ -111,12 +111,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         if refiner and not pipe.has_refiner and not args.refiner_only:
             log.warning("%s has no refiner: running the base only", args.artifacts)
             refiner = False
-        result = pipe(args.prompt, args.negative, height=height, width=width, num_inference_steps=args.steps,
-                      guidance_scale=args.guidance, denoising_end=args.denoising_end, refiner=refiner,
-                      seed=args.seed, num_images_per_prompt=args.num_images, scheduler=args.scheduler,
-                      image=args.image, strength=args.strength, refiner_only=args.refiner_only,
-                      mask_image=args.mask, eta=args.eta, timesteps=args.timesteps, sigmas=args.sigmas,
-                      **controlnet_cli.call_kwargs(args, height, width))
+        from ..progress_bars import StepBar
+
+        bar = StepBar(args.steps or 0)  # drawn only when stderr is a terminal; grows as stages start
+        try:
+            result = pipe(args.prompt, args.negative, height=height, width=width, num_inference_steps=args.steps,
+                          guidance_scale=args.guidance, denoising_end=args.denoising_end, refiner=refiner,
+                          seed=args.seed, num_images_per_prompt=args.num_images, scheduler=args.scheduler,
+                          image=args.image, strength=args.strength, refiner_only=args.refiner_only,
+                          mask_image=args.mask, eta=args.eta, timesteps=args.timesteps, sigmas=args.sigmas,
+                          callback_on_step_end=bar, **controlnet_cli.call_kwargs(args, height, width))
+        finally:
+            bar.close()
     paths = output_paths(args.out, len(result.images))
     for image, path in zip(result.images, paths):
         try:

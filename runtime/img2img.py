@@ -36,11 +36,13 @@ DEFAULT_STRENGTH = 0.3
 _IMAGE_HINT = "pass a PIL image, an (H, W, 3) array (uint8, or float in [0, 1]), a (3, H, W) tensor, or a list of them"
 
 
-def read_image(source: str | Path | bytes, what: str = "image") -> Any:
+def read_image(source: str | Path | bytes, what: str = "image", max_pixels: int | None = None) -> Any:
     """Decode an image file (path or bytes) to an RGB PIL image, fully read now.
 
     PIL opens lazily; ``load()`` forces the decode so a truncated or corrupt file fails
-    here with a named error, not later inside preprocessing.
+    here with a named error, not later inside preprocessing. ``max_pixels``: refuse an image
+    whose header declares more pixels, before decoding it (a server's cap; PIL's own
+    decompression-bomb refusal is a named error too).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -49,7 +51,15 @@ def read_image(source: str | Path | bytes, what: str = "image") -> Any:
             img = Image.open(io.BytesIO(source))
         else:
             img = Image.open(Path(source))
+        if max_pixels is not None and img.size[0] * img.size[1] > max_pixels:
+            w, h = img.size
+            raise InvalidImageError(f"{what} is {w}x{h} ({w * h} pixels), over the cap of {max_pixels} pixels",
+                                    "send a smaller image (resize it first)")
         img.load()
+    except InvalidImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise InvalidImageError(f"{what}: refused to decode ({exc})", "send a smaller image") from None
     except FileNotFoundError:
         raise InvalidImageError(f"{what} file {source} does not exist", "pass the path of a PNG/JPEG/WebP file")
     except IsADirectoryError:

@@ -281,7 +281,7 @@ class SDXLPipeline:
         loras: Mapping[str | Path, float] | None = None, control_image: Any = None, controlnet: Any = None,
         controlnet_conditioning_scale: Any = 1.0, control_guidance_start: Any = 0.0,
         control_guidance_end: Any = 1.0, guess_mode: bool = False, eta: float = 0.0,
-        timesteps: list[int] | None = None, sigmas: list[float] | None = None,
+        timesteps: list[int] | None = None, sigmas: list[float] | None = None, callback_on_step_end: Any = None,
     ) -> SDXLPipelineOutput:
         """Generate images; arguments mean what they mean in diffusers' SDXL pipelines.
 
@@ -317,6 +317,11 @@ class SDXLPipeline:
         else 30, 5.0, ``"euler"``. ``eta``, ``timesteps``, ``sigmas`` mean what they mean in
         diffusers' SDXL pipelines (``eta`` goes to schedulers whose ``step`` takes it: DDIM, TCD;
         custom ``timesteps``/``sigmas`` replace the step count, e.g. DMD2's ``[999, 749, 499, 249]``).
+
+        ``callback_on_step_end(pipe, i, t, callback_kwargs)``: diffusers' per-step callback, after
+        each denoising step of each stage; ``callback_kwargs`` holds ``latents`` plus ``stage``
+        (``"unet"``/``"refiner_unet"``) and ``stage_steps``; a returned ``{"latents": x}`` replaces
+        them; an exception it raises stops the call there (how servers cancel a running job).
         """
         t0 = time.perf_counter()
         req = self._request(
@@ -331,6 +336,7 @@ class SDXLPipeline:
             control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
             guess_mode=guess_mode, eta=eta, timesteps=timesteps, sigmas=sigmas,
         )
+        req.on_step = callback_on_step_end
         lset = self._default_loras if loras is None else self.loras.resolve(loras)
         with self.loras.session(lset) as switched:
             out = self._generate(req, timings=StageTimings(), t0=t0)
@@ -526,6 +532,9 @@ class SDXLPipeline:
                 uncond, text = noise_pred.chunk(2)
                 noise_pred = uncond + req.guidance_scale * (text - uncond)
             latents = sched.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+            if req.on_step is not None:  # diffusers' callback_on_step_end
+                got = req.on_step(self, i, t, {"latents": latents, "stage": stage, "stage_steps": len(timesteps)})
+                latents = (got or {}).get("latents", latents)
         return latents
 
     def _conditioning(self, embeds: torch.Tensor, pooled: torch.Tensor, neg_embeds: torch.Tensor | None,

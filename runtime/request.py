@@ -50,6 +50,9 @@ class SampleRequest:
     image: torch.Tensor | None = None
     strength: float = 1.0
     refiner_only: bool = False
+    #: ``callback_on_step_end(pipe, i, t, callback_kwargs)`` (diffusers' shape), called after
+    #: every denoising step of either stage; may return ``{"latents": ...}``, may raise to stop.
+    on_step: Any = None
     #: ControlNet: the checked runtime.controlnet.ControlRequest, None without ControlNet.
     control: Any = None
     #: diffusers' ``eta`` (schedulers whose ``step`` takes it) and custom ``timesteps``/``sigmas``

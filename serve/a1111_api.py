@@ -49,6 +49,7 @@ from .common import (
     get_str,
     seeds_for,
 )
+from .limits import MAX_GUIDANCE
 from .loras import split_prompt_tags
 
 #: A1111's sampler and schedule-type names: the runtime's catalog (diffusers' own A1111 table).
@@ -94,7 +95,9 @@ def sampler_for(name: str | None, schedule: str | None) -> tuple[catalog.Sampler
         return catalog.from_a1111(name, schedule)
     except InvalidRequestError as exc:
         field = "sampler_name" if "sampler" in exc.message else "scheduler"
-        raise ParamError(field, exc.message, exc.hint) from None
+        # an unknown sampler is a 404, as the web UI answers "Sampler not found"
+        code = "sampler_not_found" if field == "sampler_name" else "invalid_value"
+        raise ParamError(field, exc.message, exc.hint, code=code) from None
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,9 @@ def parse_img2img(body: Any, *, models: Models, max_images: int) -> tuple[Parsed
                          "send the input image as init_images: [base64 PNG]", code="missing_required")
     strength = get_float(body, "denoising_strength", 0.75, lo=0.0, hi=1.0, lo_open=True)
     parsed, meta = parse_txt2img(body, models=models, max_images=max_images, img2img=True)
+    if len(raw) > len(parsed.prompts):  # refused before anything is decoded
+        raise ParamError("init_images", f"{len(raw)} init_images for {len(parsed.prompts)} output image(s)",
+                         "send at most one input image per output image (batch_size x n_iter)")
     inputs = [decode_image(v, f"init_images[{i}]") for i, v in enumerate(raw)]
     parsed.images = [inputs[i % len(inputs)] for i in range(len(parsed.prompts))]
     parsed.kwargs["strength"] = strength
@@ -204,7 +210,7 @@ def parse_txt2img(body: Any, *, models: Models, max_images: int,
         use_refiner = True
     switch = get_float(body, "refiner_switch_at", 0.8, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
     steps = get_int(body, "steps", recorded.get("steps", 20), lo=1)
-    cfg = get_float(body, "cfg_scale", recorded.get("guidance_scale", 7.0), lo=0.0)
+    cfg = get_float(body, "cfg_scale", recorded.get("guidance_scale", 7.0), lo=0.0, hi=MAX_GUIDANCE)
     width = get_int(body, "width", 512, lo=8)
     height = get_int(body, "height", 512, lo=8)
     seed = get_int(body, "seed", -1, lo=-1)
@@ -270,6 +276,8 @@ def txt2img_response(images_b64: list[str], parsed: ParsedRequest, meta: Mapping
         "clip_skip": 1, "is_using_inpainting_conditioning": False, "version": f"sdxl-export {__version__}",
         "infotexts": [infotext(p, n, s, kw, meta, models) for p, n, s in zip(parsed.prompts, negs, parsed.seeds)],
     }
+    if parsed.notes:  # what the server changed (--size-policy nearest), as the web UI has no field for it
+        info["sdxl_export_notes"] = list(parsed.notes)
     return {"images": images_b64 if send_images else [], "parameters": parsed.echo, "info": json.dumps(info)}
 
 
@@ -290,9 +298,10 @@ def schedulers() -> list[dict[str, Any]]:
     return catalog.a1111_schedulers()
 
 
-def sd_models(models: Models, artifacts: str) -> list[dict[str, Any]]:
+def sd_models(models: Models, folder_name: str) -> list[dict[str, Any]]:
+    """The checkpoints; ``filename`` names the artifact folder, never its path on the server."""
     return [{"title": title, "model_name": name, "hash": models.sha256[:10], "sha256": models.sha256,
-             "filename": f"{artifacts} ({'refiner' if name == models.refiner else 'base'})", "config": None}
+             "filename": f"{folder_name} ({'refiner' if name == models.refiner else 'base'})", "config": None}
             for name, title in models.titles().items()]
 
 
@@ -300,6 +309,97 @@ def options(models: Models) -> dict[str, Any]:
     return {"sd_model_checkpoint": models.title(models.base), "sd_checkpoint_hash": models.sha256,
             "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1, "samples_format": "png",
             "eta_ancestral": 1.0, "eta_ddim": 0.0, "s_churn": 0.0, "s_noise": 1.0, "s_tmin": 0.0}
+
+
+def check_options(body: Mapping[str, Any], models: Models) -> None:
+    """``POST /sdapi/v1/options``: a setting this server reports must keep its value (the
+    checkpoint may be named by name or title); other web UI settings (saving, UI layout) do
+    not act on API generation and are accepted without effect."""
+    current = options(models)
+    for key, value in body.items():
+        if key == "sd_model_checkpoint":
+            if value not in (models.base, models.title(models.base)):
+                raise ParamError(key, f"sd_model_checkpoint {value!r} is not served here",
+                                 f"use {models.title(models.base)} (GET /sdapi/v1/sd-models)", code="unsupported_value")
+        elif key in current and value != current[key] and not (key == "sd_vae" and value in ("None", None)):
+            raise ParamError(key, f"setting {key}={value!r} cannot be changed on this server",
+                             f"leave it at {current[key]!r}", code="unsupported_value")
+
+
+def memory() -> dict[str, Any]:
+    """``GET /sdapi/v1/memory``: the web UI's shape (RAM in bytes; CUDA from torch when present)."""
+    import psutil
+    import torch
+
+    vm = psutil.virtual_memory()
+    out: dict[str, Any] = {"ram": {"free": vm.available, "used": vm.total - vm.available, "total": vm.total},
+                           "cuda": {"error": "no CUDA device"}}
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        out["cuda"] = {"system": {"free": free, "used": total - free, "total": total},
+                       "active": {"current": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated()},
+                       "reserved": {"current": torch.cuda.memory_reserved(), "peak": torch.cuda.max_memory_reserved()}}
+    return out
+
+
+def png_info(image: Any) -> dict[str, Any]:
+    """``POST /sdapi/v1/png-info``: the text chunks of a PNG; ``parameters`` (the web UI's
+    infotext) parsed into ``parameters``. The image is never decoded, only its header and text."""
+    import base64
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(image, str) or not image:
+        raise ParamError("image", "'image' must be a base64 PNG (or a data URL)", "send the PNG as base64")
+    data = image.split(",", 1)[1] if image.startswith("data:") and "," in image else image
+    try:
+        raw = base64.b64decode(data, validate=True)
+        with Image.open(io.BytesIO(raw)) as img:
+            items = {k: v for k, v in (getattr(img, "text", None) or img.info).items() if isinstance(v, str)}
+    except (ValueError, OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError):
+        raise ParamError("image", "'image' is not a readable base64 image", "send a PNG as base64") from None
+    info = items.pop("parameters", "")
+    return {"info": info, "items": items, "parameters": parse_infotext(info)}
+
+
+def parse_infotext(text: str) -> dict[str, Any]:
+    """The web UI's infotext (prompt, ``Negative prompt: ...``, ``Steps: 20, Sampler: ...``) as a dict."""
+    if not text:
+        return {}
+    lines = text.strip().split("\n")
+    out: dict[str, Any] = {}
+    last = lines[-1] if len(lines) > 1 and ": " in lines[-1] else ""
+    body = lines[:-1] if last else lines
+    prompt: list[str] = []
+    negative: list[str] = []
+    in_negative = False
+    for line in body:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    out["Prompt"] = "\n".join(prompt)
+    out["Negative prompt"] = "\n".join(negative)
+    for part in last.split(", "):
+        key, sep, value = part.partition(": ")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def progress(snap: Mapping[str, Any], queued: int) -> dict[str, Any]:
+    """``GET /sdapi/v1/progress`` from a :class:`~sdxl_export.serve.progress.ProgressTracker` snapshot."""
+    running = bool(snap["running"])
+    eta = snap.get("eta_s")
+    return {"progress": float(snap["progress"]), "eta_relative": float(eta) if eta is not None else 0.0,
+            "current_image": snap.get("current_image"), "textinfo": None,
+            "state": {"skipped": bool(snap.get("skipped")), "interrupted": bool(snap.get("interrupted")),
+                      "stopping_generation": False, "job": snap.get("kind", "") if running else "",
+                      "job_count": int(queued) + (1 if running else 0),
+                      "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(time.time()))
+                      if running else "0", "job_no": 0,
+                      "sampling_step": int(snap["step"]), "sampling_steps": int(snap["steps"])}}
 
 
 def error_body(status: int, message: str, *, kind: str, request_id: str | None = None) -> dict[str, Any]:

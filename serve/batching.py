@@ -90,6 +90,24 @@ class ImageJob:
     started: float | None = None
     image: Any = None  # img2img: this job's input image (PIL)
     control_images: tuple[Any, ...] = ()  # ControlNet: this job's control map per ControlNet (PIL)
+    _claim: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def claim(self, now: float) -> bool:
+        """Worker: take the job to run it, unless it was cancelled first."""
+        with self._claim:
+            if self.cancelled.is_set():
+                return False
+            self.started = now
+            return True
+
+    def cancel(self) -> None:
+        """Event loop: cancel; a job not yet claimed drops its input image now (its memory goes
+        with the request, not when the worker reaches it)."""
+        with self._claim:
+            self.cancelled.set()
+            if self.started is None:
+                self.image = None
+                self.control_images = ()
 
 
 @dataclass
@@ -106,6 +124,8 @@ class JobResult:
 
 class JobCancelledError(SDXLExportError):
     """The job's client went away (or its deadline passed) before it reached an engine."""
+
+    http_status = 499
 
 
 def plan_chunks(n: int, served: Sequence[int], max_batch: int) -> list[int]:
@@ -133,26 +153,19 @@ def _img2img_kwargs(jobs: Sequence[ImageJob]) -> dict[str, Any]:
     return {"image": [j.image for j in jobs], "strength": p.strength, "refiner_only": p.refiner_only}
 
 
-def _controlnet_kwargs(jobs: Sequence[ImageJob]) -> dict[str, Any]:
-    from .controlnet_api import chunk_kwargs
-
-    return chunk_kwargs(jobs)
-
-
-def _run_chunk(pipe: Any, jobs: Sequence[ImageJob]) -> list[JobResult]:
+def _run_chunk(pipe: Any, jobs: Sequence[ImageJob], progress: Any = None, epoch: int = 0) -> list[JobResult]:
     p = jobs[0].params
     negatives = None if p.zero_negative else [j.negative_prompt or "" for j in jobs]
     t0 = time.perf_counter()
-    out = pipe(
-        [j.prompt for j in jobs], negatives, height=p.height, width=p.width, num_inference_steps=p.steps,
-        guidance_scale=p.guidance_scale, denoising_end=p.denoising_end, refiner=p.refiner,
-        generator=[torch.Generator("cpu").manual_seed(j.seed) for j in jobs], scheduler=p.scheduler,
-        aesthetic_score=p.aesthetic_score, negative_aesthetic_score=p.negative_aesthetic_score,
-        original_size=p.original_size, crops_coords_top_left=p.crops_coords_top_left, target_size=p.target_size,
-        output_type="pil", loras=dict(p.loras), eta=p.eta,
-        timesteps=None if p.timesteps is None else list(p.timesteps),
-        sigmas=None if p.sigmas is None else list(p.sigmas), **_img2img_kwargs(jobs), **_controlnet_kwargs(jobs),
-    )
+    step_kwargs: dict[str, Any] = {}
+    if progress is not None:  # progress and stopping at the next step (serve/progress.py)
+        progress.begin(jobs, "img2img" if p.img2img else "txt2img")
+        step_kwargs["callback_on_step_end"] = progress.callback(epoch)
+    try:
+        out = _call(pipe, jobs, p, negatives, step_kwargs)
+    finally:
+        if progress is not None:
+            progress.end()
     run = time.perf_counter() - t0
     timings = out.timings.to_dict()
     return [JobResult(image=img, seed=j.seed, batch_size=len(jobs),
@@ -160,23 +173,47 @@ def _run_chunk(pipe: Any, jobs: Sequence[ImageJob]) -> list[JobResult]:
             for j, img in zip(jobs, out.images)]
 
 
-def run_jobs(pipe: Any, jobs: Sequence[ImageJob], max_batch: int) -> list[JobResult | BaseException]:
+def _controlnet_kwargs(jobs: Sequence[ImageJob]) -> dict[str, Any]:
+    from .controlnet_api import chunk_kwargs
+
+    return chunk_kwargs(jobs)
+
+
+def _call(pipe: Any, jobs: Sequence[ImageJob], p: SamplingParams, negatives: Any, extra: dict[str, Any]) -> Any:
+    return pipe(
+        [j.prompt for j in jobs], negatives, height=p.height, width=p.width, num_inference_steps=p.steps,
+        guidance_scale=p.guidance_scale, denoising_end=p.denoising_end, refiner=p.refiner,
+        generator=[torch.Generator("cpu").manual_seed(j.seed) for j in jobs], scheduler=p.scheduler,
+        aesthetic_score=p.aesthetic_score, negative_aesthetic_score=p.negative_aesthetic_score,
+        original_size=p.original_size, crops_coords_top_left=p.crops_coords_top_left, target_size=p.target_size,
+        output_type="pil", loras=dict(p.loras), eta=p.eta, timesteps=None if p.timesteps is None else list(p.timesteps),
+        sigmas=None if p.sigmas is None else list(p.sigmas), **_img2img_kwargs(jobs), **_controlnet_kwargs(jobs),
+        **extra,
+    )
+
+
+def run_jobs(pipe: Any, jobs: Sequence[ImageJob], max_batch: int,
+             progress: Any = None) -> list[JobResult | BaseException]:
     """Run ``jobs`` (any mix of keys) on ``pipe``; one result or exception per job, in order.
 
     Cancelled jobs are answered with :class:`JobCancelledError` and never reach an engine.
     Jobs are grouped by :class:`SamplingParams` (first-come order kept) and each group is cut
-    into the batch sizes the engines serve (:func:`plan_chunks`). A chunk that fails is
-    retried one image at a time, so one bad image fails alone and the rest still finish.
+    into the batch sizes the engines serve (:func:`plan_chunks`). A chunk that fails in a way
+    one image can cause (NaN, an unexpected exception) is retried one image at a time, so one
+    bad image fails alone and the rest still finish; a failure that is the same for every
+    image (a bad LoRA, a stopped call: a named request error) is not retried.
+    ``progress``: a :class:`~sdxl_export.serve.progress.ProgressTracker` fed at every step,
+    which stops a call whose jobs were all cancelled, or that a client interrupted.
     Runs on the replica's worker thread: ``pipe`` calls block.
     """
+    epoch = progress.interrupt_epoch if progress is not None else 0
     results: dict[int, JobResult | BaseException] = {}
     groups: dict[SamplingParams, list[ImageJob]] = {}
     now = time.perf_counter()
     for i, job in enumerate(jobs):
-        if job.cancelled.is_set():
+        if not job.claim(now):
             results[i] = JobCancelledError("the client went away before the image was started")
             continue
-        job.started = now
         groups.setdefault(job.params, []).append(job)
     position = {id(j): i for i, j in enumerate(jobs)}
     for params, group in groups.items():
@@ -187,23 +224,36 @@ def run_jobs(pipe: Any, jobs: Sequence[ImageJob], max_batch: int) -> list[JobRes
         for size in plan_chunks(len(group), served, max_batch):
             chunk = group[start:start + size]
             start += size
-            for job, res in zip(chunk, _run_isolated(pipe, chunk)):
+            if all(j.cancelled.is_set() for j in chunk):  # cancelled while earlier chunks ran
+                for job in chunk:
+                    results[position[id(job)]] = JobCancelledError("the client went away before the image was "
+                                                                   "started")
+                continue
+            for job, res in zip(chunk, _run_isolated(pipe, chunk, progress, epoch)):
                 results[position[id(job)]] = res
     return [results[i] for i in range(len(jobs))]
 
 
-def _run_isolated(pipe: Any, chunk: Sequence[ImageJob]) -> list[JobResult | BaseException]:
+def _same_for_every_image(exc: BaseException) -> bool:
+    """A named error other than NaN/Inf does not depend on which images share the call."""
+    from ..errors import NumericalError
+
+    return isinstance(exc, SDXLExportError) and not isinstance(exc, NumericalError)
+
+
+def _run_isolated(pipe: Any, chunk: Sequence[ImageJob], progress: Any = None,
+                  epoch: int = 0) -> list[JobResult | BaseException]:
     try:
-        return list(_run_chunk(pipe, chunk))
+        return list(_run_chunk(pipe, chunk, progress, epoch))
     except Exception as exc:  # noqa: BLE001 - reported per job below
-        if len(chunk) == 1:
-            return [exc]
+        if len(chunk) == 1 or _same_for_every_image(exc):
+            return [exc] * len(chunk)
         log.warning("a batch of %d failed (%s: %s); running its images one at a time",
                     len(chunk), type(exc).__name__, exc)
     out: list[JobResult | BaseException] = []
     for job in chunk:
         try:
-            out.extend(_run_chunk(pipe, [job]))
+            out.extend(_run_chunk(pipe, [job], progress, epoch))
         except Exception as exc:  # noqa: BLE001
             out.append(exc)
     return out
@@ -241,6 +291,29 @@ class EmbeddedBatcher:
         self._wakeup.set()
         return fut
 
+    def forget(self, jobs: Sequence[ImageJob], error: BaseException | None = None) -> int:
+        """Take ``jobs`` out of the queue now (their client left, their request timed out, or a
+        client interrupted): their futures are answered and nothing keeps their input images.
+        Returns how many were still waiting."""
+        ids = {id(j) for j in jobs}
+        keep: list[tuple[ImageJob, asyncio.Future[Any]]] = []
+        gone: list[tuple[ImageJob, asyncio.Future[Any]]] = []
+        for item in self._pending:
+            (gone if id(item[0]) in ids else keep).append(item)
+        self._pending[:] = keep
+        for job, fut in gone:
+            job.cancel()
+            if not fut.done():
+                fut.set_exception(error or JobCancelledError("the client went away before the image was started"))
+                fut.exception()  # retrieved: no "exception was never retrieved" noise
+        if gone:
+            self._wakeup.set()
+        return len(gone)
+
+    @property
+    def pending_jobs(self) -> list[ImageJob]:
+        return [j for j, _ in self._pending]
+
     async def drain(self) -> None:
         """Finish every submitted job, then stop the loop."""
         self._closing = True
@@ -264,11 +337,13 @@ class EmbeddedBatcher:
                 results = await loop.run_in_executor(self._executor, self._execute, [j for j, _ in batch])
             except BaseException as exc:  # noqa: BLE001 - the worker itself failed: fail these jobs
                 results = [exc] * len(batch)
-            for (_, fut), res in zip(batch, results):
+            for (job, fut), res in zip(batch, results):
                 if fut.done():
                     continue
                 if isinstance(res, BaseException):
                     fut.set_exception(res)
+                    if job.cancelled.is_set():
+                        fut.exception()  # its request is gone: nobody else will retrieve it
                 else:
                     fut.set_result(res)
 

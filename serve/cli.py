@@ -57,6 +57,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-refiner", action="store_true", help="do not load the refiner")
     p.add_argument("--lora-dir", type=Path, default=None, metavar="DIR",
                    help="LoRA .safetensors files requests may name ('loras': {name: scale}; A1111 <lora:name:scale>)")
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="pixels (height x width) of one image, output or uploaded (default: the largest served size)")
+    p.add_argument("--max-upload-pixels", type=int, default=4096 * 4096, metavar="N",
+                   help="pixels of one uploaded image, checked before decoding (default 16777216 = 4096x4096)")
+    p.add_argument("--size-policy", choices=("exact", "nearest"), default="exact",
+                   help="a size the engines do not serve: 400 (exact, default) or run at the nearest served size "
+                   "and say so (nearest)")
+    p.add_argument("--model-alias", action="append", default=[], metavar="NAME",
+                   help="another model id clients may send, e.g. dall-e-3 (repeatable)")
+    p.add_argument("--max-steps", type=int, default=150, metavar="N", help="steps cap per request (default 150)")
     p.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead of the embedded server")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="join this Ray cluster (default: start a local Ray instance)")
@@ -81,8 +91,32 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         warmup=parse_sizes(args.warmup), max_images_per_request=min(args.max_images, args.max_queue),
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
         grace_s=args.grace, cors_origins=tuple(args.cors_origin), model_name=args.model_name,
-        load_refiner=not args.no_refiner, lora_dir=args.lora_dir,
+        load_refiner=not args.no_refiner, lora_dir=args.lora_dir, max_pixels=args.max_pixels, max_upload_pixels=args.max_upload_pixels,
+        size_policy=args.size_policy, model_aliases=tuple(args.model_alias), max_steps=args.max_steps,
     )
+
+
+def check_lora_switching(cfg: ServeConfig) -> None:
+    """``--lora-dir`` needs a backend that switches weights at run time: refused at start
+    otherwise (every request naming a LoRA would fail). The loaded pipeline is checked again
+    (``ImageService.load``)."""
+    from ..runtime import read_artifacts
+    from ..runtime.backends import resolve_backend
+
+    store = read_artifacts(cfg.artifacts, with_refiner=cfg.load_refiner).engine_store
+    backend = resolve_backend(cfg.backend, store)
+    why = None
+    if backend == "openvino":
+        why = "the openvino backend cannot switch weights at run time"
+    elif backend == "tensorrt" and store is not None:
+        fixed = [n for n in ("unet", "text_encoder", "text_encoder_2")
+                 if getattr(store.entries.get(n), "refittable", True) is False]
+        if fixed:
+            why = f"the TensorRT engines of {', '.join(fixed)} were not built --refittable"
+    if why:
+        raise ServeConfigError(f"--lora-dir: {why}",
+                               "serve with --backend onnxruntime or torch, rebuild with --refittable, or fuse "
+                               "the LoRA at build time (sdxl-export build --lora FILE:SCALE)")
 
 
 def check_port(host: str, port: int) -> None:
@@ -103,6 +137,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     read_artifacts(cfg.artifacts, with_refiner=cfg.load_refiner)  # named error now, not in a replica
     if cfg.lora_dir is not None and not cfg.lora_dir.is_dir():
         raise ServeConfigError(f"--lora-dir {cfg.lora_dir} is not a folder", "pass the folder holding your LoRA files")
+    if cfg.lora_dir is not None:
+        check_lora_switching(cfg)
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.auth_required:
         log.warning("listening on %s without --api-key/--api-auth: anyone who can reach it may generate",
                     cfg.host)

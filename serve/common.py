@@ -29,6 +29,8 @@ class ParamError(InvalidRequestError):
         super().__init__(message, hint)
         self.param = param
         self.code = code
+        if code in ("model_not_found", "sampler_not_found"):
+            self.http_status = 404
 
 
 @dataclass
@@ -43,6 +45,45 @@ class ParsedRequest:
     echo: dict[str, Any] = field(default_factory=dict)
     #: img2img: the input image of each output image (PIL), else None.
     images: list[Any] | None = None
+    #: What the server changed and says so (``--size-policy nearest``: the size snapped).
+    notes: list[str] = field(default_factory=list)
+
+
+#: Deepest JSON nesting a body may have: every API's body is an object of scalars, lists and
+#: small objects; deeper bodies only exercise parsers (Python's json recursion, FastAPI's encoder).
+MAX_JSON_DEPTH = 32
+
+
+def loads_json(raw: bytes) -> Any:
+    """A request body as JSON; malformed, or nested deeper than :data:`MAX_JSON_DEPTH`, is a 400."""
+    import json
+
+    try:
+        value = json.loads(raw or b"null")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ParamError("body", f"the request body is not valid JSON ({exc})", "send a JSON object") from None
+    except RecursionError:
+        value = None
+        depth = MAX_JSON_DEPTH + 1
+    else:
+        depth = json_depth(value, MAX_JSON_DEPTH)
+    if depth > MAX_JSON_DEPTH:
+        raise ParamError("body", f"the request body nests deeper than {MAX_JSON_DEPTH} levels",
+                         "send a flat JSON object (the API's fields)")
+    return value
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """Nesting depth of a parsed JSON value, counted without recursion; stops past ``limit``."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def body_dict(body: Any) -> dict[str, Any]:
@@ -51,9 +92,15 @@ def body_dict(body: Any) -> dict[str, Any]:
     return body
 
 
+def _value(body: Mapping[str, Any], key: str, default: Any) -> Any:
+    """A field's value; JSON ``null`` means "not given" (the default), as generated clients send it."""
+    value = body.get(key)
+    return default if value is None else value
+
+
 def get_str(body: Mapping[str, Any], key: str, default: str | None = None, *, required: bool = False,
             allow_none: bool = True) -> str | None:
-    value = body.get(key, default)
+    value = _value(body, key, default)
     if value is None:
         if required or not allow_none:
             raise ParamError(key, f"'{key}' is required", f"pass '{key}' as a string", code="missing_required")
@@ -65,7 +112,7 @@ def get_str(body: Mapping[str, Any], key: str, default: str | None = None, *, re
 
 def get_int(body: Mapping[str, Any], key: str, default: int | None, *, lo: int | None = None,
             hi: int | None = None) -> int | None:
-    value = body.get(key, default)
+    value = _value(body, key, default)
     if value is None:
         return None
     if isinstance(value, float) and value.is_integer():
@@ -80,7 +127,7 @@ def get_int(body: Mapping[str, Any], key: str, default: int | None, *, lo: int |
 
 def get_float(body: Mapping[str, Any], key: str, default: float | None, *, lo: float | None = None,
               hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> float | None:
-    value = body.get(key, default)
+    value = _value(body, key, default)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -94,7 +141,7 @@ def get_float(body: Mapping[str, Any], key: str, default: float | None, *, lo: f
 
 
 def get_bool(body: Mapping[str, Any], key: str, default: bool | None) -> bool | None:
-    value = body.get(key, default)
+    value = _value(body, key, default)
     if value is None:
         return None
     if not isinstance(value, bool):
@@ -115,7 +162,8 @@ def seeds_for(seed: int | None, n: int, key: str = "seed") -> list[int]:
 
 def decode_image(value: Any, key: str) -> Any:
     """An uploaded image (base64, or a ``data:image/...;base64,`` URL as webuiapi sends it) as an
-    RGB PIL image; anything else is a :class:`ParamError` naming ``key``."""
+    RGB PIL image; anything else is a :class:`ParamError` naming ``key``. Images over the
+    request's pixel cap (``limits.MAX_IMAGE_PIXELS``) are refused from their header, undecoded."""
     from ..errors import InvalidImageError
     from ..runtime import read_image
 
@@ -127,8 +175,10 @@ def decode_image(value: Any, key: str) -> Any:
         raw = base64.b64decode(data, validate=True)
     except ValueError:
         raise ParamError(key, f"'{key}' is not valid base64", f"send '{key}' as base64 PNG/JPEG/WebP") from None
+    from .limits import MAX_IMAGE_PIXELS
+
     try:
-        return read_image(raw, what=key)
+        return read_image(raw, what=key, max_pixels=MAX_IMAGE_PIXELS.get())
     except InvalidImageError as exc:
         raise ParamError(key, exc.message, exc.hint) from None
 

@@ -86,6 +86,16 @@ class ServeConfig:
     load_refiner: bool = True
     #: LoRA files requests may name (``{"loras": {name: scale}}``, A1111 ``<lora:name:scale>``).
     lora_dir: Path | None = None
+    #: Pixels (h x w) of one output image; None: the largest served size.
+    max_pixels: int | None = None
+    #: Pixels of one uploaded image (init image, mask, control image), checked from its header
+    #: before decoding; uploads are resized to the output size, so they may be larger than it.
+    max_upload_pixels: int = 4096 * 4096
+    #: ``exact``: a size the engines do not serve is a 400; ``nearest``: it runs at the nearest
+    #: served size and the response says so.
+    size_policy: str = "exact"
+    #: Other model ids clients may send (OpenAI ``model``: e.g. dall-e-3), all this model.
+    model_aliases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         checks = [
@@ -100,6 +110,10 @@ class ServeConfig:
             (0 < self.port < 65536, "--port must be 1..65535"),
             (self.grace_s >= 0, "the grace period must be >= 0"),
             (self.api_key is None or len(self.api_key) >= 8, "--api-key must be at least 8 characters"),
+            (self.max_pixels is None or self.max_pixels >= 64 * 64, "--max-pixels must be >= 4096"),
+            (self.max_upload_pixels >= 64 * 64, "--max-upload-pixels must be >= 4096"),
+            (self.size_policy in ("exact", "nearest"), "--size-policy must be exact or nearest"),
+            (self.max_steps >= 1, "the steps cap must be >= 1"),
         ]
         for ok, what in checks:
             if not ok:
@@ -120,3 +134,91 @@ class ServeConfig:
     @property
     def served_model_name(self) -> str:
         return self.model_name or Path(self.artifacts).resolve().name or "sdxl"
+
+    @property
+    def model_ids(self) -> list[str]:
+        """The served model id, then its aliases (each listed by ``/v1/models``)."""
+        return [self.served_model_name, *(a for a in self.model_aliases if a != self.served_model_name)]
+
+    @classmethod
+    def from_strings(cls, values: dict[str, Any]) -> ServeConfig:
+        """A config from ``key=value`` strings (``serve run sdxl_export.serve:app k=v``, Ray
+        config files), each converted to its field's type: booleans from true/false/1/0/yes/no,
+        tuples from comma-separated text, paths, numbers, JSON objects. Values already of the
+        right type pass unchanged. An unknown key or a value that does not convert is a
+        :class:`ServeConfigError` naming it."""
+        import typing
+
+        hints = typing.get_type_hints(cls)
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in hints:
+                raise ServeConfigError(f"unknown serve option {key!r}",
+                                       f"use one of: {', '.join(sorted(hints))}")
+            try:
+                out[key] = _convert(value, hints[key])
+            except (TypeError, ValueError) as exc:
+                raise ServeConfigError(f"serve option {key}={value!r}: {exc}",
+                                       f"pass a value of type {hints[key]}") from None
+        return cls(**out)
+
+
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
+
+
+def _convert(value: Any, hint: Any) -> Any:
+    """``value`` (often a string) as an instance of the type ``hint``."""
+    import json
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))) and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0])
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ValueError("not a boolean (true/false)")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ValueError("not a number")
+        return hint(value)
+    if hint is str:
+        return str(value)
+    if hint is Path:
+        return Path(value)
+    if origin is tuple:
+        items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v.strip() if isinstance(v, str) else v, args[0]) for v in items)
+        if args and all(a is int for a in args):  # a (w, h)-like pair
+            return tuple(int(v) for v in items)
+        return tuple(items)
+    if origin is dict or hint is dict:
+        return dict(json.loads(value) if isinstance(value, str) else value)
+    return value
+
+
+def config_from_args(args: dict[str, Any]) -> ServeConfig:
+    """``key=value`` arguments (strings from ``serve run``, typed values from a config file) ->
+    :class:`ServeConfig`, each value converted to its field's type (``load_refiner=false`` is
+    False, ``cors_origins=a,b`` two origins); ``api_auth`` is ``USER:PASS``, ``warmup``
+    ``WxH,...``, ``model_aliases`` comma-separated."""
+    kwargs: dict[str, Any] = {}
+    for key, value in args.items():
+        if key == "api_auth":
+            kwargs["basic_auth"] = parse_basic_auth(value)
+        elif key == "warmup":
+            kwargs[key] = parse_sizes(value) if isinstance(value, str) else value
+        else:
+            kwargs[key] = value
+    special = {k: kwargs.pop(k) for k in ("basic_auth", "warmup") if k in kwargs}
+    return ServeConfig.from_strings(kwargs).replace(**special) if special else ServeConfig.from_strings(kwargs)

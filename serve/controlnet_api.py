@@ -293,9 +293,9 @@ def register(app: Any, get_pipe: Any, guarded: Any) -> None:
         from starlette.concurrency import run_in_threadpool
 
         from ..errors import InvalidRequestError
-        from .common import body_dict
+        from .common import body_dict, loads_json
 
-        body = body_dict(await request.json())
+        body = body_dict(loads_json(await request.body()))  # bad JSON: a 400, not a 500
 
         def work() -> list[str]:
             imgs = body.get("controlnet_images")

@@ -23,7 +23,6 @@ from .common import ParamError
 
 #: ``<lora:name>`` or ``<lora:name:scale>`` (the web UI's extra-network syntax).
 LORA_TAG = re.compile(r"<lora:([^:<>]+)(?::([^:<>]*))?(?::[^<>]*)?>", re.IGNORECASE)
-NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._()+-]{0,127}$")
 MAX_LORAS = 8
 
 LoraKey = tuple[tuple[str, float], ...]
@@ -31,15 +30,15 @@ LoraKey = tuple[tuple[str, float], ...]
 
 def available(lora_dir: Path | None) -> list[str]:
     """Names of the LoRA files in the folder (sorted), ``[]`` when there is none."""
-    if lora_dir is None or not Path(lora_dir).is_dir():
-        return []
-    return sorted(p.stem for p in Path(lora_dir).glob("*.safetensors") if p.is_file())
+    from ..lora.files import available_loras
+
+    return available_loras(lora_dir)
 
 
 def check(loras: Any, lora_dir: Path | None, param: str = "loras") -> LoraKey:
     """``{name: scale}`` from a request -> the sorted batch key; every problem names ``param``."""
     from ..errors import InvalidLoraError
-    from ..lora.files import check_scale
+    from ..lora.files import check_scale, is_lora_name
 
     if loras is None or loras == {}:
         return ()
@@ -52,7 +51,7 @@ def check(loras: Any, lora_dir: Path | None, param: str = "loras") -> LoraKey:
     names = available(lora_dir)
     out: dict[str, float] = {}
     for name, scale in loras.items():
-        if not isinstance(name, str) or not NAME_OK.match(name) or name not in names:
+        if not isinstance(name, str) or not is_lora_name(name) or name not in names:
             shown = ", ".join(names) or "none"
             raise ParamError(param, f"LoRA {name!r} is not in this server's LoRA folder",
                              f"use one of: {shown} (GET /sdapi/v1/loras)")

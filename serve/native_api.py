@@ -28,6 +28,7 @@ from .common import (
     reject_unknown,
     seeds_for,
 )
+from .limits import FLOAT_BOUNDS
 
 KNOWN = {"loras", "prompt", "negative_prompt", "num_images_per_prompt", "height", "width", "num_inference_steps",
          "guidance_scale", "denoising_end", "refiner", "seed", "scheduler", "original_size",
@@ -110,10 +111,11 @@ def parse(body: Any, *, has_refiner: bool, max_images: int) -> ParsedRequest:
         value = get_int(body, key, None, lo=1)
         if value is not None:
             kwargs[key] = value
-    for key, lo in (("guidance_scale", 0.0), ("aesthetic_score", None), ("negative_aesthetic_score", None)):
-        value = get_float(body, key, None, lo=lo)
-        if value is not None:
-            kwargs[key] = value
+    for key in ("guidance_scale", "aesthetic_score", "negative_aesthetic_score"):
+        lo, hi = FLOAT_BOUNDS[key]
+        number = get_float(body, key, None, lo=lo, hi=hi)
+        if number is not None:
+            kwargs[key] = number
     d = get_float(body, "denoising_end", None, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
     if d is not None:
         kwargs["denoising_end"] = d

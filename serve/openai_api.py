@@ -29,6 +29,7 @@ from .common import (
     seeds_for,
 )
 from .config import ServeConfigError, parse_size
+from .limits import MAX_GUIDANCE
 
 OURS = ("negative_prompt", "seed", "steps", "guidance_scale", "scheduler", "refiner", "denoising_end", "loras")
 #: OpenAI's own fields -> the values we honour (None: any value is fine; it changes nothing we do).
@@ -76,7 +77,7 @@ def parse(body: Any, *, model_ids: list[str], has_refiner: bool, max_images: int
     steps = get_int(body, "steps", None, lo=1)
     if steps is not None:
         kwargs["num_inference_steps"] = steps
-    guidance = get_float(body, "guidance_scale", None, lo=0.0)
+    guidance = get_float(body, "guidance_scale", None, lo=0.0, hi=MAX_GUIDANCE)
     if guidance is not None:
         kwargs["guidance_scale"] = guidance
     scheduler = get_str(body, "scheduler")

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 from typing import Any
 
 from ray import serve
 
 from .batching import ImageJob, JobResult
-from .config import ServeConfig, parse_basic_auth, parse_sizes
+from .config import ServeConfig, config_from_args
 from .service import ImageService
 
 log = logging.getLogger(__name__)
@@ -132,23 +131,12 @@ def app(args: dict[str, Any] | None = None) -> Any:
     args = dict(args or {})
     replicas = args.pop("replicas", None)
     autoscale = args.pop("autoscale", None)
-    kwargs: dict[str, Any] = {}
-    for key, value in args.items():
-        if key in ("artifacts", "lora_dir"):
-            kwargs[key] = Path(value)
-        elif key == "api_auth":
-            kwargs["basic_auth"] = parse_basic_auth(value)
-        elif key == "warmup":
-            kwargs[key] = parse_sizes(value)
-        elif key in ("max_batch_size", "max_queue", "port", "max_images_per_request", "max_steps", "warmup_steps"):
-            kwargs[key] = int(value)
-        elif key in ("batch_wait_ms", "timeout_s", "grace_s"):
-            kwargs[key] = float(value)
-        else:
-            kwargs[key] = value
-    config = ServeConfig(**kwargs)
-    scale = None
-    if autoscale:
-        lo, _, hi = str(autoscale).partition(":")
-        scale = (int(lo), int(hi))
-    return build(config, replicas=int(replicas) if replicas else None, autoscale=scale)
+    return build(config_from_args(args), replicas=int(replicas) if replicas else None,
+                 autoscale=_autoscale(autoscale))
+
+
+def _autoscale(autoscale: Any) -> tuple[int, int] | None:
+    if not autoscale:
+        return None
+    lo, _, hi = str(autoscale).partition(":")
+    return int(lo), int(hi)

@@ -38,7 +38,14 @@ def embedded_app(config: ServeConfig) -> tuple[Any, ImageService]:
             await asyncio.get_running_loop().run_in_executor(None, service.close)
             log.info("stopped")
 
-    return build_app(lambda: service, config, lifespan=lifespan), service
+    return build_app(lambda: service, config, lifespan=lifespan, max_in_flight=max_in_flight(config)), service
+
+
+def max_in_flight(config: ServeConfig) -> int:
+    """Requests in flight before new ones get 503 (``/healthz``, ``/readyz``, ``/metrics`` and the
+    progress routes excepted). Enforced by the app, not by uvicorn's ``limit_concurrency``,
+    which would refuse the liveness probe of a busy replica too."""
+    return max(64, config.max_queue * 4)
 
 
 def serve_embedded(config: ServeConfig) -> int:
@@ -47,8 +54,7 @@ def serve_embedded(config: ServeConfig) -> int:
 
     app, _ = embedded_app(config)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", access_log=False,
-                               timeout_graceful_shutdown=config.grace_s, lifespan="on",
-                               limit_concurrency=max(64, config.max_queue * 4), timeout_keep_alive=30)
+                               timeout_graceful_shutdown=config.grace_s, lifespan="on", timeout_keep_alive=30)
     server = uvicorn.Server(uv_config)
     # uvicorn re-raises the signal it caught once it has shut down; with the default handler
     # that kills the process (exit 143). Ours makes a graceful stop exit 0.

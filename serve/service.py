@@ -33,7 +33,9 @@ from typing import Any
 from ..errors import InvalidRequestError, SDXLExportError, UnsupportedShapeError
 from .batching import EmbeddedBatcher, ImageJob, JobResult, SamplingParams, run_jobs
 from .config import ServeConfig
+from .limits import check_floats, fit_size
 from .metrics import ServeMetrics
+from .progress import JobStoppedError, ProgressTracker
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +46,14 @@ DEFAULT_MAX_BATCH = 8
 class ServiceUnavailableError(SDXLExportError):
     """The replica is still loading/warming up, failed to load, or is shutting down (503)."""
 
+    http_status = 503
+    retry_after = 5
+
 
 class QueueFullError(SDXLExportError):
     """The replica's queue has no room for this request (429 with ``Retry-After``)."""
+
+    http_status = 429
 
     def __init__(self, message: str, hint: str, retry_after: int):
         super().__init__(message, hint)
@@ -54,11 +61,17 @@ class QueueFullError(SDXLExportError):
 
 
 class RequestTimeoutError(SDXLExportError):
-    """The request did not finish within ``--timeout`` (504)."""
+    """The request did not finish within ``--timeout`` (504). Not retried by clients: the same
+    request would take as long again."""
+
+    http_status = 504
+    retryable = False
 
 
 class ClientGoneError(SDXLExportError):
-    """The client closed the connection; its images were dropped before reaching an engine."""
+    """The client closed the connection; its images were dropped (499: nobody reads it)."""
+
+    http_status = 499
 
 
 class ImageService:
@@ -80,6 +93,8 @@ class ImageService:
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdxl-worker")
         self._submit: Callable[[ImageJob], Awaitable[JobResult]] | None = None
         self._batcher: EmbeddedBatcher | None = None
+        #: the running batch's steps, and interrupt/skip (written by the worker, read by routes)
+        self.progress = ProgressTracker()
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def load(self) -> None:
@@ -94,6 +109,9 @@ class ImageService:
                                                backend_options=dict(cfg.backend_options))
             self.pipe = pipe
             pipe.lora_dir = cfg.lora_dir
+            pipe.loras.allow_paths = False  # requests name LoRAs in --lora-dir, never paths
+            if cfg.lora_dir is not None:
+                _check_switchable(pipe)
             n = pipe.native_size
             served = pipe.served_batch_sizes(n, n, refiner=pipe.has_refiner, limit=DEFAULT_MAX_BATCH)
             self.max_batch = cfg.max_batch_size or (max(served) if served else 1)
@@ -177,8 +195,40 @@ class ImageService:
         return ", ".join(f"{w}x{h}" for h, w in sizes)
 
     @property
+    def max_pixels(self) -> int:
+        """Pixels (height x width) one image may have, output or decoded input: ``--max-pixels``,
+        or the largest size the engines serve (a plain export: SDXL's largest bucket at the
+        model's native size)."""
+        from ..buckets import buckets_for
+
+        if self.config.max_pixels:
+            return int(self.config.max_pixels)
+        sizes = self.served_sizes()
+        if sizes:
+            return max(h * w for h, w in sizes)
+        native = self.pipe.native_size if self.pipe is not None else 1024
+        return max(b.height * b.width for b in buckets_for(native))
+
+    @property
     def waiting(self) -> int:
         return self._waiting
+
+    @property
+    def queued_jobs(self) -> int:
+        """Jobs the embedded batcher holds (waiting for the worker), cancelled ones included."""
+        return len(self._batcher.pending_jobs) if self._batcher is not None else 0
+
+    def interrupt(self) -> int:
+        """``POST /sdapi/v1/interrupt``: stop the running batch at its next step and answer every
+        queued job (event loop only). Returns how many queued jobs were dropped."""
+        self.progress.interrupt()
+        if self._batcher is None:
+            return 0
+        jobs = self._batcher.pending_jobs
+        for j in jobs:
+            j.cancel()
+        return self._batcher.forget(jobs, JobStoppedError("interrupted by a client (POST /sdapi/v1/interrupt)",
+                                                          "send the request again"))
 
     # ---- requests ------------------------------------------------------------------------------------
     def check_ready(self) -> None:
@@ -192,12 +242,13 @@ class ImageService:
 
     def make_jobs(self, prompts: Sequence[str], negatives: Sequence[str] | None, seeds: Sequence[int], *,
                   request_id: str, images: Sequence[Any] | None = None, loras: Any = None,
-                  **kwargs: Any) -> list[ImageJob]:
+                  notes: list[str] | None = None, **kwargs: Any) -> list[ImageJob]:
         """Check one request (all of it, before anything is queued) and cut it into jobs.
 
         ``kwargs`` are pipeline arguments (height, width, num_inference_steps, guidance_scale,
         scheduler, refiner, denoising_end, aesthetic scores, strength, refiner_only); ``images``
         the input image of each output (img2img); ``loras`` ``{name: scale}`` from the LoRA folder.
+        ``notes`` receives what the server changed (``--size-policy nearest``).
         Raises the runtime's named errors.
         """
         from . import loras as lora_names
@@ -228,6 +279,15 @@ class ImageService:
         if images and not (kwargs.get("height") or kwargs.get("width")):  # img2img keeps the image's size
             s = self.pipe.vae_scale
             h, w = images[0].height // s * s, images[0].width // s * s
+        check_floats(kwargs)
+        if isinstance(h, int) and isinstance(w, int) and not isinstance(h, bool) and not isinstance(w, bool):
+            fitted = fit_size(h, w, sizes, max_pixels=self.max_pixels, policy=cfg.size_policy,
+                              size_list=self.size_list())
+            if fitted != (h, w):
+                (notes if notes is not None else []).append(
+                    f"size {w}x{h} is not served; ran {fitted[1]}x{fitted[0]}, the nearest served size")
+                h, w = fitted
+                kwargs["height"], kwargs["width"] = h, w
         if sizes is not None and isinstance(h, int) and isinstance(w, int) and (h, w) not in sizes:
             raise UnsupportedShapeError(f"size {w}x{h} (width x height) is not served by this server's engines",
                                         f"use one of: {self.size_list()}")
@@ -281,8 +341,8 @@ class ImageService:
         batches = math.ceil(max(1, self._waiting) / max(1, self.max_batch))
         return max(1, math.ceil(batches * (self._batch_seconds or 1.0)))
 
-    async def generate(self, jobs: list[ImageJob],
-                       disconnected: Callable[[], Awaitable[bool]] | None = None) -> list[JobResult]:
+    async def generate(self, jobs: list[ImageJob], disconnected: Callable[[], Awaitable[bool]] | None = None,
+                       kind: str = "txt2img") -> list[JobResult]:
         """Queue ``jobs`` (all or none), wait for them; 429 / 504 / client-gone as named errors."""
         self.check_ready()
         if self._submit is None:
@@ -303,7 +363,9 @@ class ImageService:
             return [f.result() for f in futures]
         except BaseException:
             for j in jobs:
-                j.cancelled.set()
+                j.cancel()  # a running call stops at its next step (serve/progress.py)
+            if self._batcher is not None:
+                self._batcher.forget(jobs)  # out of the queue now, images and all
             for f in futures:
                 if f.done() and not f.cancelled():
                     f.exception()  # retrieved: no "exception was never retrieved" noise
@@ -320,7 +382,7 @@ class ImageService:
         m.running.set(len(live))
         t0 = time.perf_counter()
         try:
-            results = run_jobs(self.pipe, jobs, self.max_batch)
+            results = run_jobs(self.pipe, jobs, self.max_batch, progress=self.progress)
         finally:
             self.running = 0
             m.running.set(0)
@@ -344,6 +406,21 @@ class ImageService:
 
 def _tuple_or_none(value: Any) -> tuple[Any, ...] | None:
     return None if value is None else tuple(value)
+
+
+def _check_switchable(pipe: Any) -> None:
+    """``--lora-dir`` on runners that cannot switch weights: refused at load, not per request."""
+    from ..runtime import ComponentRunner
+
+    fixed = [n for n, r in pipe.loras.runners.items()
+             if type(r).set_weights is ComponentRunner.set_weights
+             or getattr(getattr(r, "_engine", None), "refittable", True) is False]
+    if fixed:
+        from .config import ServeConfigError
+
+        raise ServeConfigError(f"--lora-dir: the {pipe.backend} runners of {', '.join(fixed)} cannot switch "
+                               "weights at run time", "serve with --backend onnxruntime or torch, or rebuild "
+                               "the TensorRT engines with --refittable")
 
 
 def _pair_or_none(value: Any) -> tuple[int, int] | None:
