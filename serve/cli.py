@@ -100,8 +100,7 @@ def check_lora_switching(cfg: ServeConfig) -> None:
     """``--lora-dir`` needs a backend that switches weights at run time: refused at start
     otherwise (every request naming a LoRA would fail). The loaded pipeline is checked again
     (``ImageService.load``)."""
-    from ..runtime import read_artifacts
-    from ..runtime.backends import resolve_backend
+    from ..runtime import read_artifacts, resolve_backend
 
     store = read_artifacts(cfg.artifacts, with_refiner=cfg.load_refiner).engine_store
     backend = resolve_backend(cfg.backend, store)
