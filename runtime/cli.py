@@ -55,7 +55,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--refiner-only", action="store_true",
                    help="img2img with the refiner alone: refine --image (no base)")
     p.add_argument("--mask", type=Path, default=None, metavar="FILE",
-                   help="inpainting mask: not supported (refused with an error rather than ignored)")
+                   help="inpaint --image: white = repaint, black = keep (diffusers' inpaint pipeline; "
+                   "--strength defaults to 0.9999, 1.0 starts from noise)")
+    p.add_argument("--mask-crop", type=int, default=None, metavar="PX",
+                   help="inpaint only a crop around the mask with this margin, pasted back (padding_mask_crop)")
     p.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt (default 1)")
     p.add_argument("--backend", default="auto", metavar="NAME",
                    help=f"auto, {', '.join(BACKENDS)} (auto: TensorRT engines where built and usable, "
@@ -89,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                       guidance_scale=args.guidance, denoising_end=args.denoising_end, refiner=refiner,
                       seed=args.seed, num_images_per_prompt=args.num_images, scheduler=args.scheduler,
                       image=args.image, strength=args.strength, refiner_only=args.refiner_only,
-                      mask_image=args.mask)
+                      mask_image=args.mask, padding_mask_crop=args.mask_crop)
     paths = output_paths(args.out, len(result.images))
     for image, path in zip(result.images, paths):
         try:
@@ -105,7 +108,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     for path in paths:
         print(f"wrote {path}")
-    if info.get("img2img"):
+    if info.get("inpaint"):
+        print(f"inpainted {args.image} under {args.mask}, strength {info['strength']}"
+              + (f", crop {info['mask_crop']}" if info.get("mask_crop") else ""))
+    elif info.get("img2img"):
         print(f"img2img from {args.image}, strength {info['strength']}"
               + (", refiner only" if info["refiner_only"] else ""))
     print(f"seed {result.seed}, {info['height']}x{info['width']}, {info['scheduler']}, "

@@ -39,8 +39,14 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..artifacts import DEFAULT_ARTIFACTS
 from ..buckets import nearest_bucket
-from ..errors import ArtifactError, MissingComponentError, NumericalError, UnsupportedShapeError
-from . import img2img
+from ..errors import (
+    ArtifactError,
+    InvalidRequestError,
+    MissingComponentError,
+    NumericalError,
+    UnsupportedShapeError,
+)
+from . import img2img, inpaint
 from .artifact_reader import REQUIRED_COMPONENTS, Artifacts, export_fix, read_artifacts
 from .backends.base import ComponentRunner
 from .backends import ComponentContext, create_runner, resolve_backend
@@ -109,7 +115,8 @@ class SDXLPipeline:
         self.encoder = encoder
         self.native_size = artifacts.native_size
         self.vae_scale = artifacts.specs["unet"].vae_scale
-        self.latent_channels = int(artifacts.specs["unet"].inputs[0].shape[1])
+        self.latent_channels = int(artifacts.specs["unet"].outputs[0].shape[1])
+        self.unet_in_channels = int(artifacts.specs["unet"].inputs[0].shape[1])  # 9: an inpainting UNet
         self.vae_config = artifacts.vae
         self._schedulers = SchedulerFactory(artifacts.scheduler_config())
         self._refiner_schedulers = (SchedulerFactory(artifacts.scheduler_config(refiner=True))
@@ -253,7 +260,7 @@ class SDXLPipeline:
         crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
         aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5, output_type: str = "pil",
         image: Any = None, strength: float | None = None, refiner_only: bool = False, mask_image: Any = None,
-        loras: Mapping[str | Path, float] | None = None,
+        loras: Mapping[str | Path, float] | None = None, padding_mask_crop: int | None = None,
     ) -> SDXLPipelineOutput:
         """Generate images; arguments mean what they mean in diffusers' SDXL pipelines.
 
@@ -272,7 +279,10 @@ class SDXLPipeline:
         diffusers' img2img takes; the output has its size (``height``/``width`` resize it).
         ``strength`` in (0, 1] (default 0.3, diffusers') is how much of the schedule re-runs.
         ``refiner_only=True`` refines the image with the refiner alone (no base, no hand-off).
-        ``mask_image`` is refused: there is no inpainting.
+        Inpainting (:mod:`.inpaint`): ``mask_image`` (white = repaint) with ``image`` is diffusers'
+        ``StableDiffusionXLInpaintPipeline`` (4-channel UNet: blending; 9-channel inpainting
+        UNet: mask + masked-image latents as input); ``strength`` defaults to 0.9999 (1.0: from
+        noise); ``padding_mask_crop=PX`` crops around the mask and pastes back.
 
         ``loras``: this call's LoRA set (``{file_or_name: scale}``, ``{}`` for none); default the
         set of :meth:`set_loras`. A call with another set than the active one waits for the calls
@@ -287,6 +297,7 @@ class SDXLPipeline:
             target_size=target_size, aesthetic_score=aesthetic_score,
             negative_aesthetic_score=negative_aesthetic_score, output_type=output_type, image=image,
             strength=strength, refiner_only=refiner_only, mask_image=mask_image,
+            padding_mask_crop=padding_mask_crop,
         )
         lset = self._default_loras if loras is None else self.loras.resolve(loras)
         with self.loras.session(lset) as switched:
@@ -297,6 +308,8 @@ class SDXLPipeline:
         return out
 
     def _generate(self, req: SampleRequest, *, timings: StageTimings, t0: float) -> SDXLPipelineOutput:
+        if req.inpaint is not None:
+            return inpaint.generate(self, req, timings=timings, t0=t0)
         enc = self.encoder.encode(req.prompts, req.negatives, guidance=req.guidance, refiner=req.refiner,
                                   timings=timings, base=not req.refiner_only)
         init = self._encode_image(req, timings) if req.image is not None else None
@@ -334,7 +347,8 @@ class SDXLPipeline:
         return {"height": req.height, "width": req.width, "steps": req.steps, "scheduler": req.scheduler,
                 "guidance_scale": req.guidance_scale, "guidance": req.guidance, "refiner": req.refiner,
                 "denoising_end": req.denoising_end, "batch": req.batch, "img2img": req.image is not None,
-                "strength": req.strength if req.image is not None else None, "refiner_only": req.refiner_only}
+                "strength": req.strength if req.image is not None else None, "refiner_only": req.refiner_only,
+                "inpaint": req.inpaint is not None}
 
     def _request(self, *, prompt: Any, negative_prompt: Any, height: int | None = None,
                  width: int | None = None, num_inference_steps: int = 30, guidance_scale: float = 5.0,
@@ -343,9 +357,18 @@ class SDXLPipeline:
                  original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
                  target_size: tuple[int, int] | None = None, aesthetic_score: float = 6.0,
                  negative_aesthetic_score: float = 2.5, output_type: str = "pil", image: Any = None,
-                 strength: float | None = None, refiner_only: bool = False, mask_image: Any = None) -> SampleRequest:
-        pixels = None
-        if image is not None and mask_image is None:
+                 strength: float | None = None, refiner_only: bool = False, mask_image: Any = None,
+                 padding_mask_crop: int | None = None) -> SampleRequest:
+        pixels = masked = None
+        if mask_image is not None:  # inpainting: image and mask as diffusers' inpaint pipeline has them
+            masked = inpaint.prepare_inputs(self._image_processor, self.vae_scale, image, mask_image, height, width,
+                                            padding_mask_crop)
+            pixels = masked.image
+            height, width = int(pixels.shape[-2]), int(pixels.shape[-1])
+        elif padding_mask_crop is not None:
+            raise InvalidRequestError("padding_mask_crop applies to inpainting, and no mask_image was given",
+                                      "pass mask_image= (--mask FILE), or drop padding_mask_crop")
+        elif image is not None:
             # The image defines the size (diffusers' img2img); height/width, if given, resize it.
             pixels = img2img.preprocess(self._image_processor, image, height, width)
             height, width = int(pixels.shape[-2]), int(pixels.shape[-1])
@@ -358,8 +381,12 @@ class SDXLPipeline:
             negative_aesthetic_score=negative_aesthetic_score, output_type=output_type,
             native=self.native_size, vae_scale=self.vae_scale,
         )
-        req = check_img2img(req, image=pixels, strength=strength, refiner_only=refiner_only,
-                            mask_image=mask_image, default_strength=img2img.DEFAULT_STRENGTH)
+        req = check_img2img(req, image=pixels, strength=strength, refiner_only=refiner_only, mask_image=None,
+                            default_strength=inpaint.DEFAULT_STRENGTH if masked is not None else img2img.DEFAULT_STRENGTH)
+        if masked is not None:
+            req = inpaint.check(self, req, masked)
+        else:
+            inpaint.check_not_inpainting_model(self, req.refiner_only)
         if req.image is not None and "vae_encoder" not in self.runners:
             raise MissingComponentError(f"{self.artifacts.root} has no vae_encoder: img2img cannot encode the image",
                                         export_fix(self.artifacts.root))
@@ -442,13 +469,17 @@ class SDXLPipeline:
 
     def _denoise(self, runner: ComponentRunner, stage: str, sched: Any, timesteps: torch.Tensor,
                  latents: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                 req: SampleRequest, timings: StageTimings) -> torch.Tensor:
+                 req: SampleRequest, timings: StageTimings, hook: Any = None) -> torch.Tensor:
+        """The denoising loop; ``hook`` (inpainting's :class:`~.inpaint.MaskHook`) widens the UNet
+        input and post-processes each step."""
         embeds, pooled, time_ids = cond
         extra = step_kwargs(sched, req.generator)
         t_feed = timesteps.to(device=self.device, dtype=torch.float32).reshape(-1, 1)
         for i, t in enumerate(timesteps):
             model_in = torch.cat([latents] * 2) if req.guidance else latents
             model_in = sched.scale_model_input(model_in, t)
+            if hook is not None:
+                model_in = hook.model_input(model_in)
             feeds = {"sample": model_in, "timestep": t_feed[i], "encoder_hidden_states": embeds,
                      "text_embeds": pooled, "time_ids": time_ids}
             with timings.measure(stage):
@@ -457,6 +488,8 @@ class SDXLPipeline:
                 uncond, text = noise_pred.chunk(2)
                 noise_pred = uncond + req.guidance_scale * (text - uncond)
             latents = sched.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+            if hook is not None:
+                latents = hook.after_step(sched, latents, i, timesteps)
         return latents
 
     def _conditioning(self, embeds: torch.Tensor, pooled: torch.Tensor, neg_embeds: torch.Tensor | None,
@@ -501,7 +534,7 @@ class SDXLPipeline:
         return latents, len(timesteps)
 
     def _refine(self, req: SampleRequest, enc: EncodedPrompts, latents: torch.Tensor,
-                timings: StageTimings) -> tuple[torch.Tensor, int]:
+                timings: StageTimings, hook: Any = None) -> tuple[torch.Tensor, int]:
         assert enc.refiner_embeds is not None and enc.refiner_pooled is not None
         assert self._refiner_schedulers is not None
         sched = self._refiner_schedulers(req.scheduler)
@@ -524,7 +557,7 @@ class SDXLPipeline:
         if req.guidance:
             time_ids = torch.cat([torch.tensor([neg], dtype=torch.float32).repeat(req.batch, 1), time_ids], dim=0)
         latents = self._denoise(self.runners["refiner_unet"], "refiner_unet", sched, timesteps, latents,
-                                (embeds, pooled, time_ids.to(self.device)), req, timings)
+                                (embeds, pooled, time_ids.to(self.device)), req, timings, hook=hook)
         return latents, len(timesteps)
 
     def _decode(self, latents: torch.Tensor, output_type: str, timings: StageTimings) -> Any:

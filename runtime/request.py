@@ -50,6 +50,8 @@ class SampleRequest:
     image: torch.Tensor | None = None
     strength: float = 1.0
     refiner_only: bool = False
+    #: inpainting: the preprocessed image, mask and crop (:class:`~.inpaint.InpaintInputs`), else None.
+    inpaint: Any = None
 
     @property
     def batch(self) -> int:
