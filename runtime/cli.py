@@ -59,6 +59,16 @@ def register(subparsers: Any) -> None:
                    "--strength defaults to 0.9999, 1.0 starts from noise)")
     p.add_argument("--mask-crop", type=int, default=None, metavar="PX",
                    help="inpaint only a crop around the mask with this margin, pasted back (padding_mask_crop)")
+    p.add_argument("--hires-scale", type=float, default=None, metavar="S",
+                   help="hires fix: a first pass at --height/--width, upscale by S, an img2img pass at that size")
+    p.add_argument("--hires-upscaler", default="latent", metavar="NAME",
+                   help="hires fix upscaler: latent (bilinear), latent-antialiased, latent-bicubic, "
+                   "latent-bicubic-antialiased, latent-nearest, latent-nearest-exact, lanczos, nearest "
+                   "(or the web UI's names)")
+    p.add_argument("--hires-steps", type=int, default=None, metavar="N",
+                   help="hires fix: the second pass's steps (default --steps; it runs int(N x strength))")
+    p.add_argument("--hires-strength", type=float, default=None, metavar="S",
+                   help="hires fix: the second pass's denoising strength (default 0.7)")
     p.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt (default 1)")
     p.add_argument("--backend", default="auto", metavar="NAME",
                    help=f"auto, {', '.join(BACKENDS)} (auto: TensorRT engines where built and usable, "
@@ -92,7 +102,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                       guidance_scale=args.guidance, denoising_end=args.denoising_end, refiner=refiner,
                       seed=args.seed, num_images_per_prompt=args.num_images, scheduler=args.scheduler,
                       image=args.image, strength=args.strength, refiner_only=args.refiner_only,
-                      mask_image=args.mask, padding_mask_crop=args.mask_crop)
+                      mask_image=args.mask, padding_mask_crop=args.mask_crop,
+                      **({} if args.hires_scale is None else {
+                          "hires_scale": args.hires_scale, "hires_upscaler": args.hires_upscaler,
+                          "hires_steps": args.hires_steps, "hires_strength": args.hires_strength}))
     paths = output_paths(args.out, len(result.images))
     for image, path in zip(result.images, paths):
         try:
@@ -114,6 +127,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     elif info.get("img2img"):
         print(f"img2img from {args.image}, strength {info['strength']}"
               + (", refiner only" if info["refiner_only"] else ""))
+    if info.get("hires"):
+        hi = info["hires"]
+        print(f"hires fix: {hi['first_size'][0]}x{hi['first_size'][1]} -> {hi['upscaler']} -> "
+              f"{hi['target'][0]}x{hi['target'][1]}, strength {hi['strength']}")
     print(f"seed {result.seed}, {info['height']}x{info['width']}, {info['scheduler']}, "
           f"{info['base_steps']} base + {info['refiner_steps']} refiner steps, {info['backend']} on {info['device']}")
     for line in result.timings.summary_lines():

@@ -89,12 +89,25 @@ def _as_processor_input(image: Any) -> Any:
     raise InvalidImageError(f"image must be an image, not {type(image).__name__}", _IMAGE_HINT)
 
 
+def is_latents(image: Any, latent_channels: int = 4) -> bool:
+    """An ``(N, C_latent, h, w)`` float tensor: latents, which diffusers' img2img takes as they are
+    (no VAE encode, no resize; e.g. a first pass's ``output_type="latent"``, hires fix)."""
+    return (isinstance(image, torch.Tensor) and image.dim() == 4 and image.is_floating_point()
+            and int(image.shape[1]) == latent_channels)
+
+
 def preprocess(processor: Any, image: Any, height: int | None = None, width: int | None = None) -> torch.Tensor:
     """``(N, 3, H, W)`` float32 in [-1, 1]: diffusers' ``VaeImageProcessor.preprocess``.
 
     Without ``height``/``width`` the image keeps its size (rounded down to a multiple of the
-    VAE scale, as diffusers' img2img does); with them it is resized to that size.
+    VAE scale, as diffusers' img2img does); with them it is resized to that size. Latents
+    (:func:`is_latents`) pass through unchanged, as in diffusers.
     """
+    if is_latents(image, processor.config.vae_latent_channels):
+        out = image.detach().to("cpu", torch.float32)
+        if not bool(torch.isfinite(out).all()):
+            raise InvalidImageError("the latents have NaN/Inf values", "pass finite latents")
+        return out
     items = image if isinstance(image, (list, tuple)) else [image]
     if not items:
         raise InvalidImageError("image is an empty list", _IMAGE_HINT)

@@ -261,6 +261,8 @@ class SDXLPipeline:
         aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5, output_type: str = "pil",
         image: Any = None, strength: float | None = None, refiner_only: bool = False, mask_image: Any = None,
         loras: Mapping[str | Path, float] | None = None, padding_mask_crop: int | None = None,
+        hires_scale: float | None = None, hires_size: tuple[int, int] | None = None, hires_upscaler: str = "latent",
+        hires_steps: int | None = None, hires_strength: float | None = None,
     ) -> SDXLPipelineOutput:
         """Generate images; arguments mean what they mean in diffusers' SDXL pipelines.
 
@@ -284,11 +286,30 @@ class SDXLPipeline:
         UNet: mask + masked-image latents as input); ``strength`` defaults to 0.9999 (1.0: from
         noise); ``padding_mask_crop=PX`` crops around the mask and pastes back.
 
+        Hires fix (:mod:`.hires`): ``hires_scale`` (or ``hires_size=(H, W)``) makes this call a
+        first pass at ``height x width``, an upscale (``hires_upscaler``: ``latent`` and its
+        A1111 variants, ``lanczos``, ``nearest``) and an img2img pass at the target size with
+        ``hires_steps`` (default ``num_inference_steps``) at ``hires_strength`` (default 0.7).
+
         ``loras``: this call's LoRA set (``{file_or_name: scale}``, ``{}`` for none); default the
         set of :meth:`set_loras`. A call with another set than the active one waits for the calls
         in flight, then switches (see the class docstring).
         """
         t0 = time.perf_counter()
+        if hires_scale is not None or hires_size is not None:
+            from . import hires
+
+            return hires.run(self, dict(
+                prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, denoising_end=denoising_end,
+                refiner=refiner, seed=seed, generator=generator, num_images_per_prompt=num_images_per_prompt,
+                scheduler=scheduler, original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+                target_size=target_size, aesthetic_score=aesthetic_score,
+                negative_aesthetic_score=negative_aesthetic_score, output_type=output_type, image=image,
+                strength=strength, refiner_only=refiner_only, mask_image=mask_image, loras=loras,
+                padding_mask_crop=padding_mask_crop), hires.HiresFix.make(
+                scale=hires_scale, size=hires_size, upscaler=hires_upscaler, steps=hires_steps,
+                strength=hires_strength))
         req = self._request(
             prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, denoising_end=denoising_end,
@@ -372,6 +393,8 @@ class SDXLPipeline:
             # The image defines the size (diffusers' img2img); height/width, if given, resize it.
             pixels = img2img.preprocess(self._image_processor, image, height, width)
             height, width = int(pixels.shape[-2]), int(pixels.shape[-1])
+            if pixels.shape[1] == self.latent_channels:  # latents (diffusers): the size is theirs x 8
+                height, width = height * self.vae_scale, width * self.vae_scale
         req = check_request(
             prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, denoising_end=denoising_end,
@@ -505,6 +528,9 @@ class SDXLPipeline:
     def _encode_image(self, req: SampleRequest, timings: StageTimings) -> torch.Tensor:
         """The image's scaled latents, one per output (diffusers' ``prepare_latents`` before noise)."""
         assert req.image is not None
+        if req.image.shape[1] == self.latent_channels:  # latents given: diffusers uses them as they are
+            n = int(req.image.shape[0])
+            return torch.cat([req.image.to(self.device)] * (req.batch // n)) if req.batch > n else req.image.to(self.device)
         return img2img.encode(self.runners["vae_encoder"], req.image, generator=req.generator, batch=req.batch,
                               vae=self.vae_config, latent_channels=self.latent_channels, device=self.device,
                               timings=timings)
