@@ -137,24 +137,52 @@ def upscale(fix: HiresFix, first: Any, size: tuple[int, int], vae_scale: int) ->
     return [im.resize((w, h), resample=resample) for im in first]
 
 
-def run(pipe: SDXLPipeline, kw: dict[str, Any], fix: HiresFix) -> SDXLPipelineOutput:
-    """First pass, upscale, second pass (module docstring); every check before any work."""
-    t0 = time.perf_counter()
+HIRES_KEYS = ("hires_scale", "hires_size", "hires_upscaler", "hires_steps", "hires_strength")
+
+
+def split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], HiresFix | None]:
+    """``(the call's other keywords, its hires fix or None)`` from one call's keywords."""
+    hi = {k: kwargs.pop(k) for k in HIRES_KEYS if k in kwargs}
+    if hi.get("hires_scale") is None and hi.get("hires_size") is None:
+        if any(hi.get(k) is not None for k in ("hires_steps", "hires_strength")):
+            raise InvalidRequestError("hires_steps/hires_strength need hires_scale or hires_size",
+                                      "pass hires_scale (e.g. 2) to run the hires fix, or drop them")
+        return kwargs, None
+    return kwargs, HiresFix.make(scale=hi.get("hires_scale"), size=hi.get("hires_size"),
+                                 upscaler=hi.get("hires_upscaler", "latent"), steps=hi.get("hires_steps"),
+                                 strength=hi.get("hires_strength"))
+
+
+@dataclass
+class HiresPlan:
+    """A checked hires call: the first pass's keywords, the second's, the target size."""
+
+    first: dict[str, Any]
+    second: dict[str, Any]
+    size: tuple[int, int]
+    first_size: tuple[int, int]
+    steps: int
+    norm: dict[str, Any]
+
+
+def check(pipe: SDXLPipeline, kw: dict[str, Any], fix: HiresFix) -> HiresPlan:
+    """Every check of both passes (named errors), before any work (module docstring)."""
     for k in ("image", "mask_image", "padding_mask_crop", "strength"):
         if kw.get(k) is not None:
             raise InvalidRequestError(f"hires fix is text-to-image; {k} cannot go with it",
                                       "drop hires_* for img2img/inpainting, or drop " + k)
     if kw.get("refiner_only"):
         raise InvalidRequestError("hires fix is text-to-image; refiner_only cannot go with it", "drop refiner_only")
-    first_kw = dict(kw, output_type="latent" if fix.upscaler.kind == "latent" else "pil")
-    first_kw.pop("loras", None)
-    info1 = pipe.check_call(**dict(first_kw, seed=kw.get("seed") if kw.get("generator") is None else None))
-    height, width = info1["height"], info1["width"]
+    first_kw = {k: v for k, v in kw.items() if k not in ("loras",)}
+    first_kw["output_type"] = "latent" if fix.upscaler.kind == "latent" else "pil"
+    probe_seed = {"seed": 0, "generator": None} if kw.get("seed") is None and kw.get("generator") is None else {}
+    norm = pipe.check_call(**dict(first_kw, **probe_seed))
+    height, width = norm["height"], norm["width"]
     size = fix.target(height, width, pipe.vae_scale)
     if size[0] % pipe.vae_scale or size[1] % pipe.vae_scale or min(size) < pipe.vae_scale:
         raise InvalidRequestError(f"the hires target {size[0]}x{size[1]} is not made of multiples of {pipe.vae_scale}",
                                   f"pass hires_size as multiples of {pipe.vae_scale}")
-    steps = fix.steps or int(kw["num_inference_steps"])
+    steps = fix.steps or int(kw.get("num_inference_steps", 30))
     second_kw = _second_kwargs(kw, size, steps, fix)
     probe = (torch.zeros(1, pipe.latent_channels, size[0] // pipe.vae_scale, size[1] // pipe.vae_scale)
              if fix.upscaler.kind == "latent" else torch.zeros(1, 3, *size))
@@ -166,22 +194,31 @@ def run(pipe: SDXLPipeline, kw: dict[str, Any], fix: HiresFix) -> SDXLPipelineOu
             f"the hires target {size[0]}x{size[1]} is a size the built engines do not serve ({exc.message})",
             "rebuild the engines with --hires-scale covering it (or --buckets), or pick a served target: "
             + (", ".join(f"{h}x{w}" for h, w in served) or "none")) from None
+    norm = dict(norm, output_type=kw.get("output_type", "pil"),
+                hires={"upscaler": fix.upscaler.name, "target": list(size), "steps": steps, "strength": fix.strength})
+    return HiresPlan(first_kw, second_kw, size, (height, width), steps, norm)
+
+
+def run(pipe: SDXLPipeline, kw: dict[str, Any], fix: HiresFix) -> SDXLPipelineOutput:
+    """First pass, upscale, second pass (module docstring); every check before any work."""
+    t0 = time.perf_counter()
+    plan = check(pipe, kw, fix)
     generator, seed = kw.get("generator"), kw.get("seed")
     if generator is None:  # seed=S is generator=torch.Generator("cpu").manual_seed(S), carried into pass 2
         seed = secrets.randbits(63) if seed is None else int(seed)
         generator = torch.Generator("cpu").manual_seed(seed)
-    first = pipe(**dict(first_kw, seed=None, generator=generator, loras=kw.get("loras")))
+    first = pipe(**dict(plan.first, seed=None, generator=generator, loras=kw.get("loras")))
     t1 = time.perf_counter()
-    up = upscale(fix, first.latents if fix.upscaler.kind == "latent" else first.images, size, pipe.vae_scale)
+    up = upscale(fix, first.latents if fix.upscaler.kind == "latent" else first.images, plan.size, pipe.vae_scale)
     t_up = time.perf_counter() - t1
-    second = pipe(**dict(second_kw, image=up, seed=None, generator=generator, loras=kw.get("loras")))
+    second = pipe(**dict(plan.second, image=up, seed=None, generator=generator, loras=kw.get("loras")))
     for stage, secs in first.timings.stages.items():
         second.timings.stages[stage] = secs + second.timings.stages.get(stage, [])
     second.timings.total = time.perf_counter() - t0
     second.seed = seed
     second.info.update(
-        hires={"upscaler": fix.upscaler.name, "first_size": [height, width], "target": list(size),
-               "steps": steps, "strength": fix.strength, "first_pass_s": round(first.timings.total, 4),
+        hires={"upscaler": fix.upscaler.name, "first_size": list(plan.first_size), "target": list(plan.size),
+               "steps": plan.steps, "strength": fix.strength, "first_pass_s": round(first.timings.total, 4),
                "upscale_s": round(t_up, 4), "first_steps": first.info["base_steps"] + first.info["refiner_steps"]},
         img2img=False, strength=None)
     return second
@@ -189,7 +226,9 @@ def run(pipe: SDXLPipeline, kw: dict[str, Any], fix: HiresFix) -> SDXLPipelineOu
 
 def _second_kwargs(kw: dict[str, Any], size: tuple[int, int], steps: int, fix: HiresFix) -> dict[str, Any]:
     """The img2img pass: base only, at the target size (its own micro-conditioning sizes)."""
-    out = {k: kw[k] for k in ("prompt", "negative_prompt", "guidance_scale", "num_images_per_prompt", "scheduler",
-                              "crops_coords_top_left", "output_type")}
+    defaults = {"negative_prompt": None, "guidance_scale": 5.0, "num_images_per_prompt": 1, "scheduler": "euler",
+                "crops_coords_top_left": (0, 0), "output_type": "pil"}  # the pipeline's (check_call passes few)
+    out = {k: kw.get(k, d) for k, d in defaults.items()}
+    out["prompt"] = kw["prompt"]
     out.update(height=size[0], width=size[1], num_inference_steps=steps, strength=fix.strength, refiner=False)
     return out

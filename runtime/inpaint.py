@@ -69,7 +69,8 @@ class InpaintInputs:
 
     ``image``: (N, 3, H, W) in [-1, 1]; ``mask``: (M, 1, H, W) in {0, 1} (1 = repaint);
     ``crop``: diffusers' ``crops_coords`` (x1, y1, x2, y2) with ``padding_mask_crop``, and then
-    ``original``/``mask_pil``: the PIL image and mask the result is pasted back over.
+    ``original``/``mask_pil``: the PIL images and masks the results are pasted back over (one per
+    input image: a batch of (image, mask) pairs is each pair cropped alone).
     """
 
     image: torch.Tensor
@@ -77,6 +78,8 @@ class InpaintInputs:
     crop: tuple[int, int, int, int] | None = None
     original: Any = None
     mask_pil: Any = None
+    #: with padding_mask_crop: one crop (and original, mask) per image of the batch
+    crops: list[tuple[int, int, int, int]] | None = None
 
     @property
     def masked_image(self) -> torch.Tensor:
@@ -159,30 +162,39 @@ def prepare_inputs(image_processor: Any, vae_scale: int, image: Any, mask: Any, 
     if isinstance(padding_mask_crop, bool) or not isinstance(padding_mask_crop, int) or padding_mask_crop < 0:
         raise InvalidRequestError(f"padding_mask_crop must be an integer >= 0 (pixels), got {padding_mask_crop!r}",
                                   "pass the margin around the mask, e.g. 32, or None to inpaint the whole image")
-    if isinstance(image, (str, Path)):
-        image = img2img.read_image(image)
-    if isinstance(mask, (str, Path)):
-        mask = img2img.read_image(mask, what="mask")
-    if not isinstance(image, Image.Image) or not isinstance(mask, Image.Image):
-        raise InvalidImageError("padding_mask_crop needs one PIL image (or file) and one PIL mask (or file)",
+    images = [img2img.read_image(x) if isinstance(x, (str, Path)) else x
+              for x in (image if isinstance(image, (list, tuple)) else [image])]
+    masks = [img2img.read_image(x, what="mask") if isinstance(x, (str, Path)) else x
+             for x in (mask if isinstance(mask, (list, tuple)) else [mask])]
+    if not all(isinstance(x, Image.Image) for x in images + masks) or len(masks) not in (1, len(images)):
+        raise InvalidImageError("padding_mask_crop needs PIL images (or files) and one PIL mask (or one per image)",
                                 "pass image and mask as PIL images or files, or drop padding_mask_crop")
-    image = image if image.mode == "RGB" else image.convert("RGB")
+    images = [x if x.mode == "RGB" else x.convert("RGB") for x in images]
     if height is None or width is None:
-        dh, dw = image_processor.get_default_height_width(image, height, width)
+        dh, dw = image_processor.get_default_height_width(images[0], height, width)
         height, width = height or dh, width or dw
-    if mask.size != image.size:  # the crop region is found on the mask; paste-back needs the image's size
-        mask = mask.resize(image.size, Image.NEAREST)
-    if not mask.convert("L").getbbox():
-        raise InvalidMaskError("the mask is empty: it selects no pixel to repaint",
-                               "paint the area to redraw white on black, or use img2img without a mask")
-    crop = tuple(int(v) for v in mproc.get_crop_region(mask, width, height, pad=padding_mask_crop))
-    try:
-        pixels = image_processor.preprocess(image, height=height, width=width, crops_coords=crop,
+    # One crop per (image, mask) pair: a batch of pairs is each pair alone (diffusers takes one).
+    pixels, mks, crops, originals, mask_pils = [], [], [], [], []
+    for k, img in enumerate(images):
+        m = masks[k % len(masks)]
+        if m.size != img.size:  # the crop region is found on the mask; paste-back needs the image's size
+            m = m.resize(img.size, Image.NEAREST)
+        if not m.convert("L").getbbox():
+            raise InvalidMaskError("the mask is empty: it selects no pixel to repaint",
+                                   "paint the area to redraw white on black, or use img2img without a mask")
+        crop = tuple(int(v) for v in mproc.get_crop_region(m, width, height, pad=padding_mask_crop))
+        try:
+            px = image_processor.preprocess(img, height=height, width=width, crops_coords=crop,
                                             resize_mode="fill").to(torch.float32)
-    except (ValueError, TypeError, RuntimeError) as exc:
-        raise InvalidImageError(f"image cannot be preprocessed ({exc})", "pass an RGB image") from None
-    m = _preprocess_mask(mproc, mask, int(pixels.shape[-2]), int(pixels.shape[-1]), crop=crop, resize_mode="fill")
-    return InpaintInputs(image=pixels, mask=m, crop=crop, original=image, mask_pil=mask)  # type: ignore[arg-type]
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise InvalidImageError(f"image cannot be preprocessed ({exc})", "pass an RGB image") from None
+        pixels.append(px)
+        mks.append(_preprocess_mask(mproc, m, int(px.shape[-2]), int(px.shape[-1]), crop=crop, resize_mode="fill"))
+        crops.append(crop)
+        originals.append(img)
+        mask_pils.append(m)
+    return InpaintInputs(image=torch.cat(pixels), mask=torch.cat(mks), crop=crops[0], original=originals,
+                         mask_pil=mask_pils, crops=crops)
 
 
 def check(pipe: SDXLPipeline, req: SampleRequest, inputs: InpaintInputs) -> SampleRequest:
@@ -197,9 +209,6 @@ def check(pipe: SDXLPipeline, req: SampleRequest, inputs: InpaintInputs) -> Samp
     if inputs.crop is not None and req.output_type not in ("pil", "np"):
         raise InvalidRequestError(f"padding_mask_crop pastes a PIL image back; output_type {req.output_type!r} "
                                   "cannot hold it", "use output_type 'pil' or 'np', or drop padding_mask_crop")
-    if inputs.crop is not None and req.batch != 1:
-        raise InvalidRequestError("padding_mask_crop pastes one result back over one image; this call makes "
-                                  f"{req.batch}", "ask for one image, or drop padding_mask_crop")
     req.inpaint = inputs
     return req
 
@@ -314,7 +323,9 @@ def generate(pipe: SDXLPipeline, req: SampleRequest, *, timings: StageTimings, t
         images = pipe._decode(latents, req.output_type, timings)
     else:
         pil = pipe._decode(latents, "pil", timings)
-        pil = [pipe._image_processor.apply_overlay(inp.mask_pil, inp.original, im, inp.crop) for im in pil]
+        n = len(inp.original)
+        pil = [pipe._image_processor.apply_overlay(inp.mask_pil[k % n], inp.original[k % n], im, inp.crops[k % n])
+               for k, im in enumerate(pil)]
         images = pil if req.output_type == "pil" else pipe._image_processor.pil_to_numpy(pil)
     timings.total = time.perf_counter() - t0
     info = {"backend": pipe.backend, "device": str(dev), "scheduler": req.scheduler, "height": req.height,

@@ -299,7 +299,7 @@ class SDXLPipeline:
         if hires_scale is not None or hires_size is not None:
             from . import hires
 
-            return hires.run(self, dict(
+            return hires.run(self, dict(  # noqa: C408 -- the call's own keywords
                 prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, denoising_end=denoising_end,
                 refiner=refiner, seed=seed, generator=generator, num_images_per_prompt=num_images_per_prompt,
@@ -363,6 +363,11 @@ class SDXLPipeline:
         by: ``height``, ``width``, ``steps``, ``scheduler`` (canonical name), ``guidance``,
         ``refiner``, ``batch``, and for img2img ``img2img``, ``strength``, ``refiner_only``.
         """
+        from . import hires
+
+        kwargs, fix = hires.split_kwargs(dict(kwargs))
+        if fix is not None:  # both passes checked; the first pass's values, the target under "hires"
+            return hires.check(self, dict(kwargs, prompt=prompt, negative_prompt=negative_prompt), fix).norm
         kwargs.setdefault("seed", 0)
         req = self._request(prompt=prompt, negative_prompt=negative_prompt, **kwargs)
         return {"height": req.height, "width": req.width, "steps": req.steps, "scheduler": req.scheduler,

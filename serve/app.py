@@ -47,7 +47,7 @@ PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 ROUTES = ("/healthz", "/readyz", "/metrics", "/v1/models", "/v1/images/generations", "/v1/generate", "/v1/info",
           "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/samplers", "/sdapi/v1/schedulers", "/sdapi/v1/sd-models",
           "/sdapi/v1/options", "/sdapi/v1/scripts", "/sdapi/v1/progress", "/sdapi/v1/loras",
-          "/sdapi/v1/refresh-loras")
+          "/sdapi/v1/refresh-loras", "/v1/images/edits", "/sdapi/v1/upscalers", "/sdapi/v1/latent-upscale-modes")
 
 
 class BodyTooLargeError(InvalidRequestError):
@@ -242,17 +242,19 @@ def build_app(get_service: Callable[[], ImageService | None], config: ServeConfi
             sha = next(iter(files.values()), "") or ""
         return a1111_api.Models(base=name, refiner=refiner, sha256=sha or "0" * 64)
 
-    async def generate(request: Request, parse: Callable[[Any, ImageService], ParsedRequest]) -> list[Any]:
+    async def generate(request: Request, parse: Callable[[Any, ImageService], ParsedRequest], *,
+                       json_body: bool = True) -> list[Any]:
         svc = service()
         svc.check_ready()
         raw = await request.body()
         # JSON of up to --max-body-mb and image decoding: in a thread, off the event loop
-        parsed = await run_in_threadpool(lambda: parse(_loads(raw), svc))
+        # (json_body=False: the route read a non-JSON body itself, e.g. multipart edits)
+        parsed = await run_in_threadpool(lambda: parse(_loads(raw) if json_body else None, svc))
         request_id = rid(request)
         # the checks preprocess an input image (img2img): off the event loop too
         jobs = await run_in_threadpool(lambda: svc.make_jobs(parsed.prompts, parsed.negatives, parsed.seeds,
                                                              request_id=request_id, images=parsed.images,
-                                                             **parsed.kwargs))
+                                                             masks=parsed.masks, **parsed.kwargs))
         p = jobs[0].params
         access = request.scope["state"]["access"]
         access.update(size=f"{p.width}x{p.height}", steps=p.steps, images=len(jobs))
@@ -358,6 +360,9 @@ def build_app(get_service: Callable[[], ImageService | None], config: ServeConfi
 
         results = await generate(request, parse)
         parsed: ParsedRequest = request.scope["state"]["parsed"]
+        if parsed.post is not None:  # e.g. A1111's paste-back of the original outside the mask
+            for i, r in enumerate(results):
+                r.image = parsed.post(i, r.image)
         send = parsed.echo.get("send_images", True) is not False
         return a1111_api.txt2img_response(await encode(results) if send else [], parsed, meta,
                                           models_of(service()), send)
@@ -423,6 +428,9 @@ def build_app(get_service: Callable[[], ImageService | None], config: ServeConfi
                           "job": "txt2img" if busy else "", "job_count": int(svc.waiting if svc else 0),
                           "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}}
 
+    from . import workflows_api  # inpainting edits and the hires-fix lists: their own module
+
+    workflows_api.register(app, generate=generate, encode=encode, guarded=guarded, service=service, config=config)
     app.state.started = time.time()
     return app
 

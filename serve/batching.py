@@ -59,6 +59,9 @@ class SamplingParams:
     #: the LoRA set, ``((name, scale), ...)`` sorted (names in the server's LoRA folder); the
     #: pipeline switches sets between calls, so requests are grouped by set
     loras: tuple[tuple[str, float], ...] = ()
+    #: further pipeline keywords every image of the call shares, ``((name, value), ...)`` sorted:
+    #: inpainting's ``padding_mask_crop``, the hires fix's ``hires_*``
+    extra: tuple[tuple[str, Any], ...] = ()
 
     @property
     def guidance(self) -> bool:
@@ -83,6 +86,7 @@ class ImageJob:
     cancelled: threading.Event = field(default_factory=threading.Event)
     started: float | None = None
     image: Any = None  # img2img: this job's input image (PIL)
+    mask: Any = None  # inpainting: this job's mask (PIL)
 
 
 @dataclass
@@ -123,7 +127,10 @@ def _img2img_kwargs(jobs: Sequence[ImageJob]) -> dict[str, Any]:
     p = jobs[0].params
     if not p.img2img:
         return {}
-    return {"image": [j.image for j in jobs], "strength": p.strength, "refiner_only": p.refiner_only}
+    out = {"image": [j.image for j in jobs], "strength": p.strength, "refiner_only": p.refiner_only}
+    if jobs[0].mask is not None:
+        out["mask_image"] = [j.mask for j in jobs]
+    return out
 
 
 def _run_chunk(pipe: Any, jobs: Sequence[ImageJob]) -> list[JobResult]:
@@ -136,7 +143,7 @@ def _run_chunk(pipe: Any, jobs: Sequence[ImageJob]) -> list[JobResult]:
         generator=[torch.Generator("cpu").manual_seed(j.seed) for j in jobs], scheduler=p.scheduler,
         aesthetic_score=p.aesthetic_score, negative_aesthetic_score=p.negative_aesthetic_score,
         original_size=p.original_size, crops_coords_top_left=p.crops_coords_top_left, target_size=p.target_size,
-        output_type="pil", loras=dict(p.loras), **_img2img_kwargs(jobs),
+        output_type="pil", loras=dict(p.loras), **_img2img_kwargs(jobs), **dict(p.extra),
     )
     run = time.perf_counter() - t0
     timings = out.timings.to_dict()

@@ -43,6 +43,11 @@ class ParsedRequest:
     echo: dict[str, Any] = field(default_factory=dict)
     #: img2img: the input image of each output image (PIL), else None.
     images: list[Any] | None = None
+    #: inpainting: the mask of each output image (PIL, white = repaint), else None.
+    masks: list[Any] | None = None
+    #: applied to each finished image before it is encoded: ``post(index, image) -> image``
+    #: (A1111's paste-back of the original outside the mask), else None.
+    post: Any = None
 
 
 def body_dict(body: Any) -> dict[str, Any]:

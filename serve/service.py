@@ -190,7 +190,7 @@ class ImageService:
 
     def make_jobs(self, prompts: Sequence[str], negatives: Sequence[str] | None, seeds: Sequence[int], *,
                   request_id: str, images: Sequence[Any] | None = None, loras: Any = None,
-                  **kwargs: Any) -> list[ImageJob]:
+                  masks: Sequence[Any] | None = None, **kwargs: Any) -> list[ImageJob]:
         """Check one request (all of it, before anything is queued) and cut it into jobs.
 
         ``kwargs`` are pipeline arguments (height, width, num_inference_steps, guidance_scale,
@@ -234,6 +234,8 @@ class ImageService:
                 raise InvalidRequestError("the input images differ in size and no output size was given",
                                           "send images of one size, or height and width to resize them to")
             kwargs["image"] = images[0]
+        if masks:  # inpainting: one mask per output image, beside its image
+            kwargs["mask_image"] = masks[0]
         norm = self.pipe.check_call(prompts[0], None if negatives is None else negatives[0], **kwargs)
         params = SamplingParams(
             height=norm["height"], width=norm["width"], steps=norm["steps"],
@@ -246,9 +248,11 @@ class ImageService:
             target_size=_pair_or_none(kwargs.get("target_size")),
             img2img=bool(norm.get("img2img")), strength=norm.get("strength"),
             refiner_only=bool(norm.get("refiner_only")), loras=lora_key,
+            extra=tuple(sorted((k, kwargs[k]) for k in EXTRA_KEYS if kwargs.get(k) is not None)),
         )
         return [ImageJob(prompt=p, negative_prompt=None if negatives is None else negatives[i], seed=int(seeds[i]),
-                         params=params, request_id=request_id, index=i, image=images[i] if images else None)
+                         params=params, request_id=request_id, index=i, image=images[i] if images else None,
+                         mask=masks[i] if masks else None)
                 for i, p in enumerate(prompts)]
 
     def _admit(self, jobs: Sequence[ImageJob]) -> None:
@@ -331,6 +335,10 @@ class ImageService:
             per_call = spent / calls
             self._batch_seconds = per_call if not self._batch_seconds else 0.7 * self._batch_seconds + 0.3 * per_call
         return results
+
+
+#: Pipeline keywords that pass through to every call of the request's images (batch key too).
+EXTRA_KEYS = ("padding_mask_crop", "hires_scale", "hires_size", "hires_upscaler", "hires_steps", "hires_strength")
 
 
 def _pair_or_none(value: Any) -> tuple[int, int] | None:
