@@ -98,6 +98,9 @@ class BenchConfig:
     #: ``--lora FILE[:SCALE]``: after the cases, the switch times and the UNet step with and
     #: without this LoRA set on each variant (:func:`lora_bench`).
     loras: tuple[tuple[str, float], ...] = ()
+    #: ``--workflows``: after the cases, an inpainting and a hires-fix request, ours vs diffusers'
+    #: same composition (:mod:`.workflow_bench`)
+    workflows: bool = False
 
     def check(self) -> None:
         if (self.artifacts is None) == (self.model is None):
@@ -303,6 +306,11 @@ def _run(cfg: BenchConfig) -> dict[str, Any]:
             descriptions[name] = {**descriptions[name], "engine_precision": v.precision,
                                   "artifacts": str(folders[name])}
         lora = lora_bench(cfg, pipes, sizes[0], artifacts) if cfg.loras else None
+        workflows = None
+        if cfg.workflows:
+            from .workflow_bench import workflow_bench
+
+            workflows = workflow_bench(cfg, pipes, sizes[0], artifacts)
     finally:
         for p in pipes.values():
             p.close()
@@ -311,6 +319,8 @@ def _run(cfg: BenchConfig) -> dict[str, Any]:
     result = _result(cfg, started, artifacts, build_timing, load_seconds, descriptions, cases)
     if lora is not None:
         result["lora"] = lora
+    if workflows is not None:
+        result["workflows"] = workflows
     return result
 
 

@@ -76,6 +76,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="also measure switching to this LoRA set at run time (repeatable): switch ms, UNet step "
                    "with and without it, next to the fused rebuild time")
+    p.add_argument("--workflows", action="store_true",
+                   help="also measure an inpainting and a hires-fix request, ours vs diffusers' same composition")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the full result as JSON")
     p.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="write a latency plot (PNG)")
     p.set_defaults(func=cmd_bench)
@@ -128,6 +130,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         cfg = replace(cfg, baseline_bf16=False)
     if args.no_refiner:
         cfg = replace(cfg, use_refiner=False)
+    if getattr(args, "workflows", False):
+        cfg = replace(cfg, workflows=True)
     if args.batch_sizes is not None:
         cfg = replace(cfg, batch_sizes=parse_int_list(args.batch_sizes, "batch sizes"))
     if args.lora:
@@ -204,6 +208,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot is not None:
         plot(result, args.plot)
     print(markdown_table(result))
+    if "workflows" in result:
+        from .workflow_bench import markdown as workflows_markdown
+
+        print(workflows_markdown(result["workflows"]))
     if args.json is not None:
         print(f"\nwrote {args.json}")
     if args.plot is not None:

@@ -178,7 +178,8 @@ def test_webuiapi_upscaler_lists_and_hires_refusals(server):
     for extra, needle in [({"hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"), ({"hr_scale": 2}, "hires target 512x512"),
                           ({"hr_prompt": "other"}, "hr_prompt"), ({"hr_sampler_name": "DDIM"}, "hr_sampler_name")]:
         with pytest.raises(RuntimeError) as info:
-            api.txt2img(prompt="x", steps=2, width=256, height=256, enable_hr=True, hr_scale=1.5, **extra)
+            api.txt2img(**{"prompt": "x", "steps": 2, "width": 256, "height": 256, "enable_hr": True,
+                           "hr_scale": 1.5, **extra})
         status, text = info.value.args
         assert status == 400 and needle in json.loads(text)["detail"], text
     res = api.txt2img(prompt="x", steps=2, width=256, height=256, seed=1)  # still serving
