@@ -134,7 +134,7 @@ def a1111_hires(body: Mapping[str, Any], kwargs: dict[str, Any], meta: dict[str,
                 negative: str, sampler: str, scheduler_field: str | None, base_model: str) -> None:
     """``enable_hr: true``: the hires-fix pipeline keywords (in ``kwargs``), or a 400 naming a field."""
     from ..errors import UnknownUpscalerError
-    from ..runtime.hires import find_upscaler
+    from ..runtime import find_upscaler
 
     if not get_bool(body, "enable_hr", False):
         return
@@ -187,7 +187,7 @@ def upscalers() -> list[dict[str, Any]]:
 
 
 def latent_upscale_modes() -> list[dict[str, str]]:
-    from ..runtime.hires import UPSCALERS
+    from ..runtime import UPSCALERS
 
     return [{"name": u.a1111} for u in UPSCALERS if u.kind == "latent"]
 
