@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .cli_common import Parser, add_subcommands
 from .errors import SDXLExportError
+from .logs import setup_logging
 
 log = logging.getLogger("sdxl_export")
 
@@ -30,23 +31,8 @@ SUBCOMMAND_MODULES = (
 )
 
 
-def setup_logging(verbosity: int) -> None:
-    level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s", "%H:%M:%S"))
-    root = logging.getLogger("sdxl_export")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
-    # Third-party chatter (progress bars, deprecation notices) is not ours to print.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    for name in ("transformers", "diffusers", "torch.onnx", "polygraphy"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="sdxl-export",
         description="Export SDXL to ONNX, build TensorRT (or ONNX Runtime) engines over its aspect "
         "buckets, and run base+refiner sampling on them.",
@@ -54,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sdxl-export {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = add_subcommands(parser, dest="command", metavar="COMMAND")
     for mod_name in SUBCOMMAND_MODULES:
         try:
             mod = importlib.import_module(mod_name)

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from ..errors import ArtifactError, MissingComponentError
-from ..runtime.timing import StageTimings
 from ..runtime.backends.torch import module_class
+from ..runtime.timing import StageTimings
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..artifacts import DEFAULT_ARTIFACTS
 from ..errors import InvalidRequestError
+from ..runtime.backends.registry import backend_help
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--requests", type=int, default=None, metavar="N",
                    help="serving benchmark: answers per side and level (default 16)")
     p.add_argument("--backend", default=None, metavar="NAME[,NAME]",
-                   help="backend(s) to measure: auto, onnxruntime, tensorrt, torch (default auto)")
+                   help="backend(s) to measure, comma-separated: " + backend_help())
     p.add_argument("--device", default=None, help="device for our backends: auto, cpu, cuda (default auto)")
     p.add_argument("--session-option", action="append", default=[], metavar="KEY=VALUE",
                    help="ONNX Runtime session option for onnxruntime backends (repeatable), e.g. "

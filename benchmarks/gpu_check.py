@@ -391,7 +391,7 @@ def guarded(report: Report, name: str, section: Any, *args: Any) -> Any:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--artifacts", help="an export folder (default: export the tiny preset to a temp folder)")
     p.add_argument("--model", help="model source for the TensorRT build when --artifacts is not from a preset")
     p.add_argument("--height", type=int, default=192, help="image height (default 192: a non-square tiny bucket)")

@@ -85,7 +85,8 @@ def run(artifacts: Path, component: str, height: int, width: int, batch: int, ro
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--artifacts", type=Path, required=True)
     p.add_argument("--component", default="unet")
     p.add_argument("--size", default="512x512", help="HxW")

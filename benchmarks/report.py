@@ -122,6 +122,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
                        f"{r['switch_back_ms']:.0f} ms; UNet step p50 {r['unet_step_p50_ms_without']:.1f} ms without, "
                        f"{r['unet_step_p50_ms_with']:.1f} ms with; a fused rebuild of the touched components took "
                        f"{lora['fused_rebuild_seconds']:.1f} s")
+    for side, why in (result.get("skipped") or {}).items():
+        out.append(f"- skipped {side}: {why}")
     b = result.get("build", {})
     if b.get("export_seconds") is not None:
         out.append(f"- export {b['export_seconds']:.1f} s" + (
@@ -133,7 +135,10 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     out.append(f"- {c['steps']} steps, guidance {c['guidance_scale']}, refiner {c['use_refiner']} "
                f"(denoising_end {c['denoising_end']}), {c['scheduler']}; {c['runs']} interleaved runs after "
                f"{c['warmup']} warm-up; torch threads {c['torch_threads_used']}")
-    out.append(f"- {m['cpu']}, {m['physical_cores']} cores, {m['memory_gb']} GB{gpu}; load average "
+    isa = m.get("cpu_isa") or {}
+    isa_text = f" ({', '.join(isa['flags'])}; native bf16: {'yes' if isa.get('native_bf16') else 'no'})" \
+        if isa.get("flags") is not None else ""
+    out.append(f"- {m['cpu']}{isa_text}, {m['physical_cores']} cores, {m['memory_gb']} GB{gpu}; load average "
                f"{_fmt((m.get('load_average_at_start') or [None])[0], 2)} at start, "
                f"{_fmt((m.get('load_average') or [None])[0], 2)} at end")
     return out

@@ -21,7 +21,6 @@ Two clocks:
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import logging
@@ -238,10 +237,11 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from ..buckets import Bucket
-    from ..cli import setup_logging
+    from ..cli_common import Parser
     from ..errors import SDXLExportError
+    from ..logs import setup_logging
 
-    p = argparse.ArgumentParser(prog="python -m sdxl_export.benchmarks.step_bench", description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m sdxl_export.benchmarks.step_bench", description=__doc__.split("\n")[0])
     p.add_argument("--artifacts", type=Path, required=True)
     p.add_argument("--component", default="unet")
     p.add_argument("--size", default=None, help="HxW pixels (default: native)")

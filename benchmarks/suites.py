@@ -96,15 +96,27 @@ SUITES: dict[str, Suite] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m sdxl_export.benchmarks.suites NAME [bench options]``."""
-    from ..cli import main as cli_main
+    """``python -m sdxl_export.benchmarks.suites NAME [bench options]``: ``sdxl-export bench --suite NAME``
+    through the bench's own parser (benchmarks do not go through the top-level command line)."""
+    from ..cli_common import Parser, add_subcommands
+    from ..errors import SDXLExportError
+    from ..logs import setup_logging
+    from .cli import register
 
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] not in SUITES:
         print(f"usage: python -m sdxl_export.benchmarks.suites {{{','.join(SUITES)}}} [bench options]",
               file=sys.stderr)
         return 2
-    return cli_main(["bench", "--suite", *args])
+    parser = Parser(prog="python -m sdxl_export.benchmarks.suites")
+    register(add_subcommands(parser, dest="command"))
+    ns = parser.parse_args(["bench", "--suite", *args])
+    setup_logging(0)
+    try:
+        return int(ns.func(ns) or 0)
+    except SDXLExportError as exc:
+        print(f"suites: error: {exc.one_line()}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -309,7 +309,7 @@ class EngineStore:
         return entry
 
     def _verify_openvino(self, component: str) -> EngineEntry:
-        from .ov_builder import ov_incompatible
+        from ..openvino_env import ov_incompatible
 
         fix = f"run `{self.openvino_build_command}`"
         entry = self.openvino_entries.get(component)

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from ..artifacts import DEFAULT_ARTIFACTS
+from ..cli_common import add_lora_option
 from .onnx_tools import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
 
@@ -52,16 +53,6 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", default=None, metavar="DIR|FILE",
                    help="a VAE replacing the model's (diffusers folder or single file, e.g. the fp16-fix VAE)")
     add_lora_option(p, "fused into the weights before export (only the components it touches re-export)")
-
-
-def add_lora_option(p: argparse.ArgumentParser, what: str) -> None:
-    """--lora FILE[:SCALE], repeatable (diffusers/PEFT or kohya/A1111 .safetensors)."""
-    from ..lora.files import parse_lora_arg
-
-    p.add_argument("--lora", dest="loras", action="append", type=parse_lora_arg, default=[],
-                   metavar="FILE[:SCALE]", help=f"an SDXL LoRA (.safetensors, diffusers or kohya format), scale "
-                   f"default 1.0; repeatable; {what}")
-
 
 
 def run_export(args: argparse.Namespace) -> int:

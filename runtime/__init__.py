@@ -23,8 +23,11 @@ _EXPORTS = {
     "StageTimings": "timing",
     "scheduler_names": "schedulers",
     "read_artifacts": "artifact_reader",
+    "read_image": "img2img",
     "ComponentRunner": "backends.base",
     "resolve_backend": "backends",
+    "BACKENDS": "backends",
+    "backend_help": "backends",
 }
 
 __all__ = list(_EXPORTS)

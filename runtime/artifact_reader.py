@@ -61,6 +61,16 @@ class Artifacts:
                 f"{root / EXPORT_MANIFEST} is malformed ({type(exc).__name__}: {exc})", export_fix(root)
             ) from None
 
+    @property
+    def random_weight_preset(self) -> str | None:
+        """The embedded preset this export was made from (``tiny``, ``small``, ``sdxl``), or None.
+
+        The presets have seeded *random* weights: they exist to exercise every path offline, and
+        their images are coloured noise. ``run`` and ``serve`` say so (:func:`random_weights_note`).
+        """
+        src = self.manifest.get("source") or {}
+        return str(src.get("id")) if src.get("kind") == "preset" else None
+
     # ---- components -------------------------------------------------------------------------
     @property
     def has_refiner(self) -> bool:
@@ -167,6 +177,16 @@ class Artifacts:
                 return None
             raise
         return load_engine_store(self.root)
+
+
+def random_weights_note(arts: Artifacts) -> str | None:
+    """One line for users of a random-weight preset export (None for a real checkpoint)."""
+    name = arts.random_weight_preset
+    if name is None:
+        return None
+    return (f"note: {arts.root} is the embedded '{name}' preset, whose weights are random (it exists to run every "
+            f"path offline), so its images are coloured noise; for real images build a checkpoint: "
+            f"sdxl-export build --model PATH (a diffusers folder or an SDXL .safetensors file) --fp16")
 
 
 def read_artifacts(path: str | Path, *, with_refiner: bool = True) -> Artifacts:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 from ..artifacts import DEFAULT_ARTIFACTS
 from ..errors import OutputDirError
-from .backends import BACKENDS
+from .backends import backend_help
 from .schedulers import scheduler_names
 
 log = logging.getLogger(__name__)
@@ -70,14 +71,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--hires-strength", type=float, default=None, metavar="S",
                    help="hires fix: the second pass's denoising strength (default 0.7)")
     p.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt (default 1)")
-    p.add_argument("--backend", default="auto", metavar="NAME",
-                   help=f"auto, {', '.join(BACKENDS)} (auto: TensorRT engines where built and usable, "
-                   "else ONNX Runtime)")
+    p.add_argument("--backend", default="auto", metavar="NAME", help=backend_help())
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--out", type=Path, default=Path("sdxl.png"), metavar="FILE.png",
                    help="output image (several: FILE.png, FILE-1.png, ...; default sdxl.png)")
     p.add_argument("--json", action="store_true", help="print the timings as JSON instead of a table")
-    from ..export.cli import add_lora_option
+    from ..cli_common import add_lora_option
 
     add_lora_option(p, "switched in at run time (no rebuild; torch and onnxruntime backends)")
     p.set_defaults(func=cmd_run)
@@ -115,6 +114,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise OutputDirError(f"cannot write {path} ({exc.strerror or exc})",
                                  "pass a writable --out FILE.png") from None
     info = result.info
+    if pipe.random_weights_note:  # after the images: an error stays the one line it is
+        print(pipe.random_weights_note, file=sys.stderr)
     if args.json:
         print(json.dumps({"images": [str(p) for p in paths], "seed": result.seed, **info,
                           "timings": result.timings.to_dict()}, indent=2))

@@ -213,6 +213,18 @@ class SDXLPipeline:
         self.close()
 
     @property
+    def random_weights(self) -> str | None:
+        """The embedded random-weight preset these artifacts come from, or None (a real checkpoint)."""
+        return self.artifacts.random_weight_preset
+
+    @property
+    def random_weights_note(self) -> str | None:
+        """One line telling a user the images will be noise (random-weight preset), or None."""
+        from .artifact_reader import random_weights_note
+
+        return random_weights_note(self.artifacts)
+
+    @property
     def description(self) -> dict[str, Any]:
         return {
             "backend": self.backend, "device": str(self.device), "artifacts": str(self.artifacts.root),

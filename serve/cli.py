@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import DEFAULT_ARTIFACTS
+from ..runtime import backend_help
 from .config import ServeConfig, ServeConfigError, parse_basic_auth, parse_sizes
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ def register(subparsers: Any) -> None:
                    help=f"artifact folder from build/export (default {DEFAULT_ARTIFACTS})")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--backend", default="auto", help="runtime backend: auto, tensorrt, onnxruntime, torch")
+    p.add_argument("--backend", default="auto", help="runtime backend: " + backend_help())
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--max-batch-size", type=int, default=None, metavar="B",
                    help="images per engine call (default: the largest batch the engines serve, at most 8)")

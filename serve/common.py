@@ -122,7 +122,7 @@ def decode_image(value: Any, key: str) -> Any:
     """An uploaded image (base64, or a ``data:image/...;base64,`` URL as webuiapi sends it) as an
     RGB PIL image; anything else is a :class:`ParamError` naming ``key``."""
     from ..errors import InvalidImageError
-    from ..runtime.img2img import read_image
+    from ..runtime import read_image
 
     if not isinstance(value, str) or not value:
         raise ParamError(key, f"'{key}' must be a base64 image (or a data URL), got {type(value).__name__}",

@@ -103,6 +103,8 @@ class ImageService:
             self.metrics.errors.labels(kind="load").inc()
             log.error("the pipeline failed to load: %s", self.load_error)
             raise
+        if self.pipe.random_weights_note:
+            log.warning("%s", self.pipe.random_weights_note)
         self.ready = True
         self.metrics.ready.set(1)
         log.info("ready in %.1f s: %s on %s, max batch %d, queue %d, sizes %s", time.perf_counter() - t0,

@@ -9,8 +9,8 @@ import pytest
 from sdxl_export.benchmarks import report
 from sdxl_export.benchmarks.bench import BASELINE, BASELINE_BF16, BenchConfig, Variant, run_bench
 from sdxl_export.benchmarks.suites import SUITES
-from sdxl_export.engines.ov_builder import ov_status
 from sdxl_export.errors import InvalidRequestError
+from sdxl_export.openvino_env import ov_status
 
 OV_FP32, OV_BF16 = "openvino-fp32", "openvino-bf16"
 
@@ -27,8 +27,31 @@ def ov_bench(tmp_path_factory):
     return run_bench(cfg), work
 
 
+def test_without_native_bf16_the_bf16_sides_are_skipped_not_misnamed(ov_bench):
+    """On a CPU without AVX512_BF16/AMX a "bf16" side would run fp32 engines (and diffusers' bf16
+    would be emulated): both are skipped with the reason, the fp32 side is measured."""
+    from sdxl_export.benchmarks.stats import cpu_isa
+
+    result, _work = ov_bench
+    if cpu_isa()["native_bf16"]:
+        pytest.skip("this CPU has native bf16: every side runs (the next test)")
+    (case,) = result["cases"]
+    assert set(case["results"]) == {OV_FP32, BASELINE}
+    assert set(result["skipped"]) == {OV_BF16, BASELINE_BF16}
+    assert all("no native bf16" in why for why in result["skipped"].values())
+    assert case["parity"][OV_FP32]["within_1_255"]
+    assert result["machine"]["cpu_isa"]["native_bf16"] is False
+    table = report.markdown_table(result)
+    assert f"skipped {OV_BF16}: " in table and f"skipped {BASELINE_BF16}: " in table
+
+
 def test_openvino_sides_bf16_baseline_and_gate_fields(ov_bench):
+    from sdxl_export.benchmarks.stats import cpu_isa
+
     result, work = ov_bench
+    if not cpu_isa()["native_bf16"]:
+        pytest.skip("this CPU has no native bf16: the bf16 sides are skipped (the test before)")
+    assert result["skipped"] == {}
     (case,) = result["cases"]
     assert set(case["results"]) == {OV_FP32, OV_BF16, BASELINE, BASELINE_BF16}
     # Two engine sets: fp32 in the work folder, bf16 in its own sibling folder.

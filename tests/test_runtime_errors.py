@@ -180,12 +180,24 @@ def test_cli_writes_images_and_prints_timings(tiny_artifacts, tmp_path, pipe):
     files = [out, out.with_name("cat-1.png")]
     assert all(f.is_file() for f in files)
     assert f"wrote {files[1]}" in stdout and "seed 5" in stdout
+    # the tiny preset has random weights: one line says the image is noise and how to get real ones
+    notes = [line for line in stderr.splitlines() if "random" in line]
+    assert len(notes) == 1 and "'tiny' preset" in notes[0] and "sdxl-export build --model" in notes[0], stderr
     assert any(line.startswith("unet") for line in stdout.splitlines())
     from PIL import Image
 
     lib = pipe("a cat", num_inference_steps=3, seed=5, num_images_per_prompt=2)
     for f, img in zip(files, lib.images):
         assert Image.open(f).tobytes() == img.tobytes()  # the CLI is the library, nothing else
+
+
+def test_random_weights_note_only_for_presets(tiny_artifacts):
+    from sdxl_export.runtime.artifact_reader import random_weights_note, read_artifacts
+
+    arts = read_artifacts(tiny_artifacts)
+    assert arts.random_weight_preset == "tiny" and "coloured noise" in (random_weights_note(arts) or "")
+    arts.manifest = {**arts.manifest, "source": {**arts.manifest["source"], "kind": "folder", "id": "/models/x"}}
+    assert arts.random_weight_preset is None and random_weights_note(arts) is None
 
 
 def test_cli_bucket_and_json(tiny_artifacts, tmp_path):

@@ -13,8 +13,22 @@ OpenVINO never imports them; importing this package pulls in neither diffusers n
 
 from __future__ import annotations
 
-from .base import ComponentRunner, RunnerClosedError
-from .registry import BACKENDS, ComponentContext, backend_available, create_runner, resolve_backend
+import importlib
+from typing import Any
 
-__all__ = ["BACKENDS", "ComponentContext", "ComponentRunner", "RunnerClosedError", "backend_available",
-           "create_runner", "resolve_backend"]
+# Lazy, like sdxl_export.runtime: the registry (and the CLI's --backend help) needs no torch;
+# ComponentRunner does.
+_EXPORTS = {
+    "ComponentRunner": "base", "RunnerClosedError": "base",
+    "BACKENDS": "registry", "AUTO_RULE": "registry", "ComponentContext": "registry",
+    "backend_available": "registry", "backend_help": "registry", "create_runner": "registry",
+    "resolve_backend": "registry",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,6 +33,15 @@ BACKENDS: dict[str, str] = {
     "torch": "sdxl_export.runtime.backends.torch",
 }
 
+#: What ``--backend auto`` means, for every command's help (the rule :func:`resolve_backend` applies).
+AUTO_RULE = ("auto: TensorRT engines where built and usable, else OpenVINO engines where built on a machine "
+             "without a CUDA GPU, else ONNX Runtime; torch only by name")
+
+
+def backend_help() -> str:
+    """The ``--backend`` help text: every backend name and what ``auto`` picks."""
+    return f"auto, {', '.join(BACKENDS)} ({AUTO_RULE}; default auto)"
+
 
 @dataclass
 class ComponentContext:

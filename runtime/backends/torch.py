@@ -56,8 +56,8 @@ from ...errors import (
     WeightMismatchError,
 )
 from .base import ComponentRunner, RunnerClosedError
-from .registry import ComponentContext
 from .cuda.graphs import DEFAULT_MAX_GRAPHS, GraphCache
+from .registry import ComponentContext
 
 log = logging.getLogger(__name__)
 

@@ -43,9 +43,9 @@ import torch
 from ....errors import BackendUnavailableError, InvalidRequestError, StaleEngineError
 from ....tensorrt_env import deserialize_engine, load_tensorrt, trt_status
 from ..base import ComponentRunner, RunnerClosedError
-from ..registry import ComponentContext
 from ..cuda.graphs import DEFAULT_MAX_GRAPHS
 from ..cuda.lanes import pool_for
+from ..registry import ComponentContext
 from .execution import TrtExecutor
 from .refit import RefitFailedError, refit_engine
 
