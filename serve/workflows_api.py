@@ -234,8 +234,6 @@ def _coerce(fields: Mapping[str, str]) -> dict[str, Any]:
 def parse_edit(fields: Mapping[str, str], files: Mapping[str, list[bytes]], *, model_ids: list[str],
                has_refiner: bool, max_images: int) -> ParsedRequest:
     """``POST /v1/images/edits`` -> an inpainting request (the generations fields + ``strength``)."""
-    from PIL import Image
-
     from . import openai_api
 
     body = _coerce(fields)
