@@ -241,7 +241,9 @@ def prepare_artifacts(cfg: BenchConfig) -> tuple[Path, dict[str, Any]]:
                      cfg.batch_sizes, target)
             report = build(BuildOptions(model=cfg.model, refiner=cfg.refiner_source, with_refiner=cfg.use_refiner,
                                         vae=cfg.vae_source, out=target, backend=backend, buckets=buckets,
-                                        batch_sizes=tuple(cfg.batch_sizes), precision=precision))
+                                        batch_sizes=tuple(cfg.batch_sizes), precision=precision,
+                                        # --workflows: the hires-fix request's target size too
+                                        hires_scales=(1.5,) if cfg.workflows else ()))
             timing["built_backends"].append(report.backend if precision == "fp32"
                                             else f"{report.backend} {precision}")
             fresh.append(report.up_to_date)
