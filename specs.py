@@ -17,7 +17,7 @@ guidance), ``latent_height``/``latent_width`` (pixels / vae_scale) and ``height`
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,6 +28,10 @@ from .errors import InputMismatchError, InvalidRequestError
 MAX_TOKENS = 77
 
 SYMBOLIC_DIMS = ("batch", "latent_height", "latent_width", "height", "width")
+
+#: Deeper UNet levels' latent sizes (``latent_height_2`` = ceil(latent_height / 2), ...): the
+#: ControlNet residuals are at every level's resolution (a stride-2 conv rounds up).
+LEVEL_FACTORS = (2, 4, 8)
 
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "refiner_unet", "vae_decoder", "vae_encoder")
 
@@ -88,13 +92,14 @@ class ComponentSpec:
                 f"{height}x{width} is not a multiple of {self.vae_scale}",
                 f"pass a height and width divisible by {self.vae_scale}",
             )
-        return {
+        dims = {
             "batch": batch,
             "height": height,
             "width": width,
             "latent_height": height // self.vae_scale,
             "latent_width": width // self.vae_scale,
         }
+        return level_dims(dims)
 
     def input_shapes(self, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
         dims = self.dims_for(batch, height, width)
@@ -146,6 +151,9 @@ class ComponentSpec:
                 out[t.name] = ids.astype(t.np_dtype)
             elif t.name == "timestep":
                 out[t.name] = np.asarray(rng.uniform(1, 999, size=shape), dtype=t.np_dtype)
+            elif t.name in ("controlnet_cond", "conditioning_scale"):  # a control map in [0, 1]; scales
+                out[t.name] = np.asarray(rng.uniform(0.0 if t.name == "controlnet_cond" else 0.5, 1.0 if
+                                                     t.name == "controlnet_cond" else 1.5, size=shape), dtype=t.np_dtype)
             elif t.name == "time_ids":
                 # base: (orig h, orig w, crop top, crop left, target h, target w);
                 # refiner: (orig h, orig w, crop top, crop left, aesthetic score).
@@ -302,6 +310,65 @@ def _unet(name: str, context: int, n_time_ids: int, dims: ModelDims, in_channels
         tolerance=Tolerance(atol=2e-4, rtol=1e-4),
         vae_scale=dims.vae_scale,
         config=config,
+    )
+
+
+def level_dims(dims: dict[str, int]) -> dict[str, int]:
+    """``dims`` with every deeper level's latent size (``latent_height_F``) filled in."""
+    for f in LEVEL_FACTORS:
+        for side in ("height", "width"):
+            if f"latent_{side}" in dims:
+                dims.setdefault(f"latent_{side}_{f}", -(-dims[f"latent_{side}"] // f))
+    return dims
+
+
+def residual_specs(levels: Sequence[tuple[int, int]], mid_channels: int) -> tuple[TensorSpec, ...]:
+    """The ControlNet residuals a base UNet adds: ``down_residual_K`` (channels, level) + ``mid_residual``.
+
+    ``levels``: per down residual its channel count and level (0 = latent resolution), in the
+    order diffusers' ``down_block_res_samples`` lists them; the mid residual is at the last level.
+    """
+    def spatial(level: int) -> tuple[str, str]:
+        return ("latent_height", "latent_width") if level == 0 else (
+            f"latent_height_{2 ** level}", f"latent_width_{2 ** level}")
+
+    out = [TensorSpec(f"down_residual_{k}", "float32", ("batch", c, *spatial(lv)))
+           for k, (c, lv) in enumerate(levels)]
+    last = max(lv for _, lv in levels)
+    out.append(TensorSpec("mid_residual", "float32", ("batch", mid_channels, *spatial(last))))
+    return tuple(out)
+
+
+def unet_controlnet_spec(dims: ModelDims, levels: Sequence[tuple[int, int]], mid_channels: int) -> ComponentSpec:
+    """The base UNet that also takes ControlNet residuals (``unet_controlnet``): exported only
+    when a ControlNet is, so the plain ``unet`` graph stays what it was."""
+    plain = _unet("unet_controlnet", dims.unet_context, dims.unet_time_ids, dims)
+    return ComponentSpec(
+        name="unet_controlnet", kind="unet_controlnet",
+        inputs=plain.inputs + residual_specs(levels, mid_channels), outputs=plain.outputs,
+        tolerance=plain.tolerance, vae_scale=dims.vae_scale,
+        config={**plain.config, "residual_levels": [list(x) for x in levels], "mid_channels": mid_channels},
+    )
+
+
+def controlnet_spec(name: str, dims: ModelDims, levels: Sequence[tuple[int, int]], mid_channels: int,
+                    cond_channels: int = 3, config: Mapping[str, Any] | None = None) -> ComponentSpec:
+    """One ControlNet (component ``controlnet_<name>``): the base UNet's inputs, the control image
+    at pixel resolution, and ``conditioning_scale`` -- one scale per residual (guess mode's
+    logspace times the scale, or the scale repeated), a tensor so that scales and windows need no
+    rebuild -- to the scaled residuals."""
+    plain = _unet(name, dims.unet_context, dims.unet_time_ids, dims)
+    residuals = residual_specs(levels, mid_channels)
+    return ComponentSpec(
+        name=name, kind="controlnet",
+        inputs=plain.inputs + (
+            TensorSpec("controlnet_cond", "float32", ("batch", cond_channels, "height", "width")),
+            TensorSpec("conditioning_scale", "float32", (len(residuals),)),
+        ),
+        outputs=residuals,
+        tolerance=Tolerance(atol=5e-4, rtol=1e-4), vae_scale=dims.vae_scale,
+        config={**plain.config, "residual_levels": [list(x) for x in levels], "mid_channels": mid_channels,
+                **dict(config or {})},
     )
 
 

@@ -80,6 +80,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--workflows", action="store_true",
                    help="also measure an inpainting and a hires-fix request, ours vs diffusers' same composition")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the full result as JSON")
+    p.add_argument("--controlnet", nargs="?", const="", default=None, metavar="NAME",
+                   help="with --artifacts: a base step with and without this ControlNet (default the first "
+                   "built), ours vs diffusers, plus what the ControlNet adds to the build (benchmarks/controlnet_bench.py)")
     p.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="write a latency plot (PNG)")
     p.set_defaults(func=cmd_bench)
 
@@ -195,6 +198,10 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.serve or args.suite == "serve":
         return cmd_serve_bench(args)
+    if getattr(args, "controlnet", None) is not None:
+        from .controlnet_bench import cmd
+
+        return cmd(args)
     from .bench import run_bench
     from .report import markdown_table, plot, write_json
 

@@ -93,6 +93,8 @@ class BuildOptions:
     refittable: bool = False
     #: ``(file, scale)`` LoRAs fused before export (``--lora``)
     loras: tuple[tuple[str, float], ...] = ()
+    #: ControlNet folders/files exported (and built) with the model
+    controlnets: tuple[str, ...] = ()
     ort_optimization: str = ort_builder.DEFAULT_LEVEL
     opset: int = 17
     validate: bool = True
@@ -370,7 +372,8 @@ def build(opts: BuildOptions) -> BuildReport:
         else:
             log.warning("precision: %s requested, but %s: building fp32", opts.precision, why)
     export_manifest = export_model(opts.model, opts.out, refiner=opts.refiner, with_refiner=opts.with_refiner,
-                                   opset=opts.opset, vae=opts.vae, loras=opts.loras)
+                                   opset=opts.opset, vae=opts.vae, loras=opts.loras,
+                                   controlnets=opts.controlnets)
     root = Path(opts.out).resolve()
     plan = make_plan(opts, export_manifest)
     if backend == BACKEND_TRT:
@@ -490,6 +493,13 @@ def _build_engines(opts: BuildOptions, root: Path, engines_dir: Path, backend: s
             results.append(ComponentResult(name, "built", why, entry.build_seconds))
         atomic_write_json(engine_manifest_path(root), manifest)
 
+    if ov and opts.validate and manifest.get("engines"):
+        from . import speed
+
+        moved = speed.assign(root, table, manifest["engines"], engines_dir / OV_DIR / ov_builder.CACHE_DIR,
+                             lambda e: _check_shape_of(e.profiles))
+        if moved:
+            log.info("measured faster on the ONNX Runtime twin at fp32 (runs there): %s", ", ".join(moved))
     state["complete"] = True
     atomic_write_json(engine_manifest_path(root), manifest)
     n_built = sum(r.action == "built" for r in results)
@@ -554,6 +564,12 @@ def _build_one(root: Path, w: Wanted, opts: BuildOptions) -> EngineEntry:
 
 def _check_shape(w: Wanted) -> tuple[int, int, int]:
     """The cheapest planned (batch, height, width): smallest batch, smallest bucket."""
-    p = min(w.profiles, key=lambda p: min(p.batch_sizes))
+    return _check_shape_of(w.profiles)
+
+
+def _check_shape_of(profiles: Any) -> tuple[int, int, int]:
+    if not profiles:
+        raise InvalidRequestError("an engine with no planned profile has no shape to check", "report this as a bug")
+    p = min(profiles, key=lambda p: min(p.batch_sizes))
     b = min(p.buckets, key=lambda b: b.height * b.width)
     return min(p.batch_sizes), b.height, b.width

@@ -90,6 +90,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         builder_optimization_level=args.builder_optimization_level,
         hardware_compatibility=args.hardware_compatibility, version_compatible=args.version_compatible,
         refittable=getattr(args, "refittable", False), loras=tuple(getattr(args, "loras", ())),
+        controlnets=tuple(getattr(args, "controlnets", ())),
         ort_optimization=args.ort_optimization, opset=getattr(args, "opset", 17),
         validate=not getattr(args, "no_validate", False),
     )

@@ -47,7 +47,7 @@ from typing import Any
 
 from ..buckets import Bucket, buckets_for, sdxl_bucket_map
 from ..errors import InvalidRequestError
-from ..specs import ComponentSpec
+from ..specs import ComponentSpec, level_dims
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ DEFAULT_MAX_AREA_RATIO = 1.5
 BATCH_MULTIPLIERS: dict[str, tuple[int, ...]] = {
     "text_encoder": (1, 2),
     "unet": (2, 1),
+    "unet_controlnet": (2, 1),
+    "controlnet": (2, 1),  # guess mode runs it on the conditional half only
     "vae_decoder": (1,),
     "vae_encoder": (1,),
 }
@@ -370,4 +372,4 @@ def _max_dims(spec: ComponentSpec, profile: PlannedProfile) -> dict[str, int]:
             dims.setdefault(px, dims[lat] * s)
         elif px in dims:
             dims.setdefault(lat, dims[px] // s)
-    return dims
+    return level_dims(dims)  # a ControlNet's residuals at the deeper levels

@@ -118,6 +118,11 @@ class EngineEntry:
     built_at: str = ""
     #: What the build checked: ORT twin parity with the export, TensorRT plan profile count.
     validation: dict[str, Any] = field(default_factory=dict)
+    #: OpenVINO entries: the backend this component runs on when ``auto``/``openvino`` picks the
+    #: OpenVINO engines -- ``"onnxruntime"`` where the build measured the ONNX Runtime twin faster at
+    #: the same (fp32) precision (:mod:`.speed`), else None (this engine); ``speed`` holds the figures.
+    run_on: str | None = None
+    speed: dict[str, Any] = field(default_factory=dict)
 
     @property
     def buckets(self) -> tuple[Any, ...]:
@@ -151,6 +156,8 @@ class EngineEntry:
             "artifact_key": self.artifact_key,
             "built_at": self.built_at,
             "validation": dict(self.validation),
+            **({"run_on": self.run_on} if self.run_on else {}),
+            **({"speed": dict(self.speed)} if self.speed else {}),
         }
 
     @classmethod
@@ -172,6 +179,8 @@ class EngineEntry:
             artifact_key=d.get("artifact_key", ""),
             built_at=d.get("built_at", ""),
             validation=dict(d.get("validation", {})),
+            run_on=d.get("run_on"),
+            speed=dict(d.get("speed", {})),
         )
 
 
@@ -255,6 +264,16 @@ class EngineStore:
         table = self.openvino_entries if backend == BACKEND_OV else self.entries
         entry = table.get(component)
         return entry if entry is not None and entry.backend == backend else None
+
+    def run_on(self, component: str, backend: str) -> str:
+        """The backend ``component`` runs on when the pipeline runs ``backend``: ``backend`` itself,
+        except an OpenVINO engine whose build measured the ONNX Runtime twin faster at the same
+        precision (and the twin is still there)."""
+        entry = self.entry_for(component, backend)
+        other = getattr(entry, "run_on", None)
+        if backend == BACKEND_OV and other and other != backend and self.entry_for(component, other) is not None:
+            return str(other)
+        return backend
 
     @property
     def complete(self) -> bool:

@@ -53,6 +53,9 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", default=None, metavar="DIR|FILE",
                    help="a VAE replacing the model's (diffusers folder or single file, e.g. the fp16-fix VAE)")
     add_lora_option(p, "fused into the weights before export (only the components it touches re-export)")
+    p.add_argument("--controlnet", dest="controlnets", action="append", default=[], metavar="DIR|FILE",
+                   help="an SDXL ControlNet (diffusers folder, or one diffusers-format .safetensors; preset:tiny "
+                   "for the seeded test one); repeatable; named after the folder/file stem")
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -62,7 +65,7 @@ def run_export(args: argparse.Namespace) -> int:
     result = export_model(
         args.model, args.out, refiner=None if args.no_refiner else args.refiner,
         with_refiner=not args.no_refiner, opset=args.opset, torch_weights=not args.no_torch_weights, vae=args.vae,
-        loras=args.loras,
+        loras=args.loras, controlnets=args.controlnets,
     )
     print(export_summary(result, args.out))
     return 0

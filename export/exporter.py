@@ -195,7 +195,7 @@ class ExportPlan:
     """Components and assets an export of ``source`` writes, each with its incremental key."""
 
     def __init__(self, source: ModelSource, opset: int, validate: bool, torch_weights: bool,
-                 loras: Sequence[tuple[str | Path, float]] = ()):
+                 loras: Sequence[tuple[str | Path, float]] = (), controlnets: Sequence[str | Path] = ()):
         self.source = source
         self.opset = opset
         self.validate = validate
@@ -223,9 +223,24 @@ class ExportPlan:
                 {f"torch/{m}": m for m in TORCH_MODULES if m != "refiner_unet" or source.has_refiner})
         self.asset_keys = {a: sha256_json({**base, "asset": a, "part": fps[p], **lora_key[p]})
                            for a, p in self.asset_parts.items()}
+        #: component -> the model part it traces (ControlNets: ``controlnet:<name>``)
+        self.parts = dict(COMPONENT_PARTS)
+        #: ControlNet name -> its checked source (export/controlnet.py)
+        self.controlnets: dict[str, Any] = {}
+        from . import controlnet as _cn
+
+        _cn.add_to_plan(self, controlnets, lambda name, fp, spec, part: sha256_json(
+            {**base, "component": name, "part": fp, "opset": opset, "spec": spec.to_dict(),
+             **(lora_key[part] if part else {})}),
+                       lambda asset, fp: sha256_json({**base, "asset": asset, "part": fp}))
 
     def load_part(self, part: str) -> Any:
         """The source's part, with the plan's LoRAs fused in (a copy when the caller owns it)."""
+        if part.startswith("controlnet:"):
+            from . import controlnet as _cn
+
+            return _cn.load_part(self, part)
+        part = part.split("#", 1)[0]  # "unet#controlnet": the UNet again, its own copy (export/controlnet.py)
         obj = self.source.load_part(part)
         deltas = [(d[part], scale) for d, scale in self.loras if part in d]
         if deltas:
@@ -261,6 +276,7 @@ def export_model(
     progress: Progress | None = None,
     vae: str | None = None,
     loras: Sequence[tuple[str | Path, float]] = (),
+    controlnets: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
     """Export every component of ``model`` into ``out_dir``; return the manifest.
 
@@ -277,7 +293,7 @@ def export_model(
         model, refiner=refiner, with_refiner=with_refiner, vae=vae)
     out = Path(out_dir)
     previous = prepare_out_dir(out)  # refuse a foreign folder before creating or locking anything
-    plan = ExportPlan(source, opset, validate, torch_weights, loras)
+    plan = ExportPlan(source, opset, validate, torch_weights, loras, controlnets)
     with _writable_locked(out) as created:
         try:
             return _export(plan, out, previous, progress)
@@ -321,10 +337,11 @@ def _export(plan: ExportPlan, out: Path, previous: dict[str, Any] | None, progre
         "components": {n: kept[n] for n in plan.specs if n in kept},
         "assets": {a: kept_assets[a] for a in plan.asset_parts if a in kept_assets},
         "loras": plan.lora_records,
+        **({"controlnets": _controlnet_records(plan)} if plan.controlnets else {}),
     }
     if previous and previous.get("complete") and not (todo or unvalidated or assets_todo or stale or stale_assets):
-        same = {k: previous.get(k) for k in ("source", "vae", "opset", "loras")} == {
-            k: manifest[k] for k in ("source", "vae", "opset", "loras")}
+        same = {k: previous.get(k) for k in ("source", "vae", "opset", "loras", "controlnets")} == {
+            k: manifest.get(k) for k in ("source", "vae", "opset", "loras", "controlnets")}
         if same:
             log.info("%s is up to date (%d components, source %s %s): no export work done",
                      out, len(plan.specs), source.kind, source.id)
@@ -345,7 +362,7 @@ def _export(plan: ExportPlan, out: Path, previous: dict[str, Any] | None, progre
     # One model part in memory at a time: each is loaded for its first use and dropped
     # after its last (its components, then its torch/<part> weights asset).
     loaded: dict[str, Any] = {}
-    uses = [COMPONENT_PARTS[n] for n in todo + unvalidated] + [plan.asset_parts[a] for a in assets_todo]
+    uses = [plan.parts[n] for n in todo + unvalidated] + [plan.asset_parts[a] for a in assets_todo]
 
     def use(part: str) -> Any:
         if part not in loaded:
@@ -362,7 +379,8 @@ def _export(plan: ExportPlan, out: Path, previous: dict[str, Any] | None, progre
         write the part's torch/ weights if this was their last use, then drop the module, so
         ONNX Runtime never holds the graph's weights while PyTorch still holds them too."""
         done_with(part)
-        torch_asset = f"torch/{part}"
+        torch_asset = next((a for a, p in plan.asset_parts.items() if p == part and a.startswith("torch/")),
+                           f"torch/{part}")
         if torch_asset in assets_todo and uses.count(part) == 1 and part in loaded:
             _write_asset(plan, out, manifest, torch_asset, loaded[part])  # while it is in memory
             assets_todo.remove(torch_asset)
@@ -371,7 +389,7 @@ def _export(plan: ExportPlan, out: Path, previous: dict[str, Any] | None, progre
 
     val_shape = validation_shape(plan.dims.native_size)
     for name in unvalidated:
-        part = COMPONENT_PARTS[name]
+        part = plan.parts[name]
         log.info("%s: validating the kept graph against PyTorch at %s", name, _shape_str(
             {"batch": val_shape[0], "height": val_shape[1], "width": val_shape[2]}))
         t0 = time.perf_counter()
@@ -384,7 +402,7 @@ def _export(plan: ExportPlan, out: Path, previous: dict[str, Any] | None, progre
         manifest["components"][name] = {**kept[name], "validation": record, "peak_rss_bytes": peak.bytes}
         atomic_write_json(out / EXPORT_MANIFEST, manifest)
     for i, name in enumerate(todo, 1):
-        part = COMPONENT_PARTS[name]
+        part = plan.parts[name]
         log.info("[%d/%d] %s: exporting to ONNX (opset %d) ...", i, len(todo), name, plan.opset)
         if progress:
             progress(name, i, len(todo))
@@ -458,7 +476,7 @@ def _export_component(plan: ExportPlan, out: Path, name: str, get_module: Callab
     spec = plan.specs[name]
     wrapped = wrap_module(name, get_module())
     # The switchable components: their parameters' fingerprints while the module is here.
-    prints = fingerprint_parameters(get_module()) if COMPONENT_PARTS[name] in LORA_PARTS else None
+    prints = fingerprint_parameters(get_module()) if plan.parts[name] in LORA_PARTS else None
     rel_dir = Path("onnx") / name
     with atomic_dir(out / rel_dir) as tmp:
         path = tmp / "model.onnx"
@@ -491,6 +509,12 @@ def _export_component(plan: ExportPlan, out: Path, name: str, get_module: Callab
         "size_bytes": size,
         **({"parameters": parameters} if parameters is not None else {}),
     }
+
+
+def _controlnet_records(plan: ExportPlan) -> dict[str, Any]:
+    from . import controlnet as _cn
+
+    return _cn.records(plan)
 
 
 def _plan_loras(source: ModelSource, loras: Sequence[tuple[str | Path, float]]) -> tuple[list[Any], list[Any]]:

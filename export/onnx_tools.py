@@ -52,7 +52,7 @@ def trace_shape(spec: ComponentSpec, native: int) -> tuple[int, int, int]:
     as shape computations (see module docstring) and >= 16x16 latents at every preset.
     """
     s = spec.vae_scale
-    side = native + 2 * s if spec.kind == "unet" else native
+    side = native + 2 * s if spec.kind in ("unet", "unet_controlnet", "controlnet") else native
     return 1, side, side
 
 

@@ -93,6 +93,10 @@ COMPONENT_MODULES = {
 
 def wrap_module(name: str, module: torch.nn.Module) -> torch.nn.Module:
     """The torch module that computes component ``name`` from one model part (``module``)."""
+    if name == "unet_controlnet" or name.startswith("controlnet_"):
+        from .controlnet import ControlNetWrapper, UNetResidualWrapper
+
+        return (UNetResidualWrapper if name == "unet_controlnet" else ControlNetWrapper)(module).eval()
     if name not in WRAPPERS:
         raise KeyError(name)
     cls, kwargs = WRAPPERS[name]

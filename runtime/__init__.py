@@ -30,6 +30,10 @@ _EXPORTS = {
     "UPSCALERS": "hires",
     "BACKENDS": "backends",
     "backend_help": "backends",
+    "available_controlnets": "controlnet",
+    "control_map": "control_preprocess",
+    "detect_control": "control_preprocess",
+    "preprocessor_list": "control_preprocess",
 }
 
 __all__ = list(_EXPORTS)

@@ -79,10 +79,14 @@ def register(subparsers: Any) -> None:
     from ..cli_common import add_lora_option
 
     add_lora_option(p, "switched in at run time (no rebuild; torch and onnxruntime backends)")
+    from . import controlnet_cli
+
+    controlnet_cli.add_options(p)
     p.set_defaults(func=cmd_run)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from . import controlnet_cli
     from .pipeline import SDXLPipeline
 
     with SDXLPipeline.from_artifacts(args.artifacts, backend=args.backend, device=args.device,
@@ -102,6 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                       seed=args.seed, num_images_per_prompt=args.num_images, scheduler=args.scheduler,
                       image=args.image, strength=args.strength, refiner_only=args.refiner_only,
                       mask_image=args.mask, padding_mask_crop=args.mask_crop,
+                      **controlnet_cli.call_kwargs(args, height, width),
                       **({} if args.hires_scale is None else {
                           "hires_scale": args.hires_scale, "hires_upscaler": args.hires_upscaler,
                           "hires_steps": args.hires_steps, "hires_strength": args.hires_strength}))

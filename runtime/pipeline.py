@@ -46,10 +46,11 @@ from ..errors import (
     NumericalError,
     UnsupportedShapeError,
 )
+from . import controlnet as _controlnet
 from . import img2img, inpaint
 from .artifact_reader import REQUIRED_COMPONENTS, Artifacts, export_fix, read_artifacts
-from .backends.base import ComponentRunner
 from .backends import ComponentContext, create_runner, resolve_backend
+from .backends.base import ComponentRunner
 from .prompts import EncodedPrompts, PromptEncoder
 from .request import SampleRequest, check_img2img, check_request, repeat_per_image
 from .schedulers import (
@@ -122,6 +123,7 @@ class SDXLPipeline:
         self._refiner_schedulers = (SchedulerFactory(artifacts.scheduler_config(refiner=True))
                                     if self.has_refiner else None)
         self._image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale)
+        self._control_processor = _controlnet.control_processor(self.vae_scale)
         self._check_conditioning_dims()
         from ..lora.switch import LoraSet, LoraSwitcher
 
@@ -147,6 +149,7 @@ class SDXLPipeline:
         names = list(REQUIRED_COMPONENTS) + (["refiner_unet"] if load_refiner and arts.has_refiner else [])
         if "vae_encoder" in arts.components:  # img2img; exports always have it, old ones may not
             names.append("vae_encoder")
+        names += _controlnet.component_names(list(arts.components))
         if verify_hashes:
             for name in names:
                 arts.check_files(name, hashes=True)
@@ -157,16 +160,22 @@ class SDXLPipeline:
         try:
             for name in names:
                 entry = None
-                if store is not None and _built_for(store, name, chosen):
-                    entry = store.verify(name, backend=chosen)  # named error before any deserialisation
+                # A component the build measured faster on another backend at the same precision runs
+                # there (engines/speed.py: e.g. an fp32 VAE on the ONNX Runtime twin beside OpenVINO).
+                run_on = store.run_on(name, chosen) if store is not None and hasattr(store, "run_on") else chosen
+                options = dict(backend_options or {}) if run_on == chosen else {}
+                if store is not None and _built_for(store, name, run_on):
+                    entry = store.verify(name, backend=run_on)  # named error before any deserialisation
                     if name == "vae_decoder" and getattr(entry, "precision", "fp32") != "fp32":
                         log.warning("the vae_decoder engine runs in %s: SDXL's VAE can overflow below fp32 "
                                     "(NaN is caught and reported); rebuild with --vae-precision fp32",
                                     entry.precision)
                 ctx = ComponentContext(artifacts=arts.root, name=name, spec=arts.specs[name],
                                        export_entry=arts.component(name), engine_entry=entry, device=dev,
-                                       options=dict(backend_options or {}))
-                runners[name] = create_runner(chosen, ctx).open()
+                                       options=options)
+                runners[name] = create_runner(run_on, ctx).open()
+                if run_on != chosen:
+                    log.info("%s runs on %s (measured faster at build than %s)", name, run_on, chosen)
             encoder = PromptEncoder(arts.tokenizer("tokenizer"), arts.tokenizer("tokenizer_2"),
                                     runners["text_encoder"], runners["text_encoder_2"])
             pipe = cls(arts, chosen, dev, runners, encoder)
@@ -272,7 +281,10 @@ class SDXLPipeline:
         crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
         aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5, output_type: str = "pil",
         image: Any = None, strength: float | None = None, refiner_only: bool = False, mask_image: Any = None,
-        loras: Mapping[str | Path, float] | None = None, padding_mask_crop: int | None = None,
+        loras: Mapping[str | Path, float] | None = None, control_image: Any = None, controlnet: Any = None,
+        controlnet_conditioning_scale: Any = 1.0, control_guidance_start: Any = 0.0,
+        control_guidance_end: Any = 1.0, guess_mode: bool = False,
+        padding_mask_crop: int | None = None,
         hires_scale: float | None = None, hires_size: tuple[int, int] | None = None, hires_upscaler: str = "latent",
         hires_steps: int | None = None, hires_strength: float | None = None,
     ) -> SDXLPipelineOutput:
@@ -306,11 +318,20 @@ class SDXLPipeline:
         ``loras``: this call's LoRA set (``{file_or_name: scale}``, ``{}`` for none); default the
         set of :meth:`set_loras`. A call with another set than the active one waits for the calls
         in flight, then switches (see the class docstring).
+
+        ControlNet (:mod:`.controlnet`, as diffusers' ``StableDiffusionXLControlNetPipeline`` and, with
+        ``image=``, ``...ControlNetImg2ImgPipeline``): ``control_image`` (one image/batch, or a list,
+        one per ControlNet), ``controlnet`` (a name or list of names; default the only one built),
+        ``controlnet_conditioning_scale``, ``control_guidance_start``/``_end`` (per ControlNet or one
+        for all), ``guess_mode``. The refiner takes no ControlNet.
         """
         t0 = time.perf_counter()
         if hires_scale is not None or hires_size is not None:
             from . import hires
 
+            if control_image is not None:
+                raise InvalidRequestError("hires fix with ControlNet is not supported",
+                                          "drop control_image= or the hires_* arguments")
             return hires.run(self, dict(  # noqa: C408 -- the call's own keywords
                 prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, denoising_end=denoising_end,
@@ -329,7 +350,10 @@ class SDXLPipeline:
             scheduler=scheduler, original_size=original_size, crops_coords_top_left=crops_coords_top_left,
             target_size=target_size, aesthetic_score=aesthetic_score,
             negative_aesthetic_score=negative_aesthetic_score, output_type=output_type, image=image,
-            strength=strength, refiner_only=refiner_only, mask_image=mask_image,
+            strength=strength, refiner_only=refiner_only, mask_image=mask_image, control_image=control_image,
+            controlnet=controlnet, controlnet_conditioning_scale=controlnet_conditioning_scale,
+            control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
+            guess_mode=guess_mode,
             padding_mask_crop=padding_mask_crop,
         )
         lset = self._default_loras if loras is None else self.loras.resolve(loras)
@@ -364,6 +388,8 @@ class SDXLPipeline:
                 "refiner_steps": refiner_steps, "guidance": req.guidance, "batch": req.batch,
                 "img2img": req.image is not None, "strength": req.strength if req.image is not None else None,
                 "refiner_only": req.refiner_only}
+        if req.control is not None:
+            info["controlnet"] = req.control.describe()
         return SDXLPipelineOutput(images=images, latents=latents, timings=timings, seed=req.seed, info=info)
 
     def check_call(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
@@ -386,6 +412,7 @@ class SDXLPipeline:
                 "guidance_scale": req.guidance_scale, "guidance": req.guidance, "refiner": req.refiner,
                 "denoising_end": req.denoising_end, "batch": req.batch, "img2img": req.image is not None,
                 "strength": req.strength if req.image is not None else None, "refiner_only": req.refiner_only,
+                "controlnets": req.control.key if req.control is not None else (),
                 "inpaint": req.inpaint is not None}
 
     def _request(self, *, prompt: Any, negative_prompt: Any, height: int | None = None,
@@ -396,8 +423,12 @@ class SDXLPipeline:
                  target_size: tuple[int, int] | None = None, aesthetic_score: float = 6.0,
                  negative_aesthetic_score: float = 2.5, output_type: str = "pil", image: Any = None,
                  strength: float | None = None, refiner_only: bool = False, mask_image: Any = None,
-                 padding_mask_crop: int | None = None) -> SampleRequest:
+                 control_image: Any = None, controlnet: Any = None, controlnet_conditioning_scale: Any = 1.0,
+                 control_guidance_start: Any = 0.0, control_guidance_end: Any = 1.0,
+                 guess_mode: bool = False, padding_mask_crop: int | None = None) -> SampleRequest:
         pixels = masked = None
+        if control_image is not None and image is None and (height is None or width is None):
+            height, width = _controlnet.control_size(self._control_processor, control_image, controlnet)
         if mask_image is not None:  # inpainting: image and mask as diffusers' inpaint pipeline has them
             masked = inpaint.prepare_inputs(self._image_processor, self.vae_scale, image, mask_image, height, width,
                                             padding_mask_crop)
@@ -430,6 +461,17 @@ class SDXLPipeline:
         if req.image is not None and "vae_encoder" not in self.runners:
             raise MissingComponentError(f"{self.artifacts.root} has no vae_encoder: img2img cannot encode the image",
                                         export_fix(self.artifacts.root))
+        req.control = _controlnet.check_control(
+            self.runners, self._control_processor, control_image=control_image, controlnet=controlnet,
+            scale=controlnet_conditioning_scale, start=control_guidance_start, end=control_guidance_end,
+            guess_mode=guess_mode, height=req.height, width=req.width, batch=req.batch,
+            images_per_prompt=req.images_per_prompt)
+        if req.control is not None and req.inpaint is not None:
+            raise InvalidRequestError("inpainting with ControlNet is not supported",
+                                      "drop control_image= or mask_image=")
+        if req.control is not None and req.refiner_only:
+            raise _controlnet.InvalidControlError("the refiner takes no ControlNet (refiner_only=True)",
+                                                  "drop control_image=, or run the base (refiner_only=False)")
         if req.refiner and not self.has_refiner:
             hint = ("run with refiner=False (--no-refiner)" if not self.artifacts.has_refiner
                     else "open the pipeline with load_refiner=True, or run with refiner=False")
@@ -445,6 +487,8 @@ class SDXLPipeline:
         try:
             self._check_shapes(req.batch, req.height, req.width, guidance=req.guidance, refiner=req.refiner,
                                prompts=len(req.prompts), encode=encode, base=not req.refiner_only)
+            if req.control is not None:
+                _controlnet.check_shapes(self.runners, req.control, req.batch, req.height, req.width, req.guidance)
         except UnsupportedShapeError as exc:
             if req.image is None:
                 raise
@@ -509,7 +553,7 @@ class SDXLPipeline:
 
     def _denoise(self, runner: ComponentRunner, stage: str, sched: Any, timesteps: torch.Tensor,
                  latents: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                 req: SampleRequest, timings: StageTimings, hook: Any = None) -> torch.Tensor:
+                 req: SampleRequest, timings: StageTimings, control: Any = None, hook: Any = None) -> torch.Tensor:
         """The denoising loop; ``hook`` (inpainting's :class:`~.inpaint.MaskHook`) widens the UNet
         input and post-processes each step."""
         embeds, pooled, time_ids = cond
@@ -522,8 +566,11 @@ class SDXLPipeline:
                 model_in = hook.model_input(model_in)
             feeds = {"sample": model_in, "timestep": t_feed[i], "encoder_hidden_states": embeds,
                      "text_embeds": pooled, "time_ids": time_ids}
+            run = runner
+            if control is not None:  # ControlNet residuals (runtime/controlnet.py)
+                feeds, run = control(i, feeds, runner)
             with timings.measure(stage):
-                noise_pred = runner(feeds)["noise_pred"]
+                noise_pred = run(feeds)["noise_pred"]
             if req.guidance:
                 uncond, text = noise_pred.chunk(2)
                 noise_pred = uncond + req.guidance_scale * (text - uncond)
@@ -558,11 +605,13 @@ class SDXLPipeline:
         end = req.denoising_end if req.refiner else None
         if init is None:
             timesteps = base_timesteps(sched, req.steps, self.device, end)
+            control_steps = len(sched.timesteps)  # diffusers' controlnet_keep: the schedule before the cut
             shape = (req.batch, self.latent_channels, req.height // self.vae_scale, req.width // self.vae_scale)
             latents = randn_tensor(shape, generator=req.generator, device=self.device, dtype=torch.float32)
             latents = latents * sched.init_noise_sigma
         else:  # img2img: noised to the strength's first timestep, then cut at the hand-off
             timesteps = strength_timesteps(sched, req.steps, self.device, req.strength)
+            control_steps = len(timesteps)
             latents = img2img.add_noise(sched, init, timesteps, req.generator)
             timesteps = cut_at_end(sched, timesteps, end)
         embeds, pooled = self._conditioning(enc.base_embeds, enc.base_pooled, enc.base_neg_embeds,
@@ -572,8 +621,10 @@ class SDXLPipeline:
         if req.guidance:
             ids = torch.cat([ids, ids], dim=0)
         time_ids = ids.to(self.device).repeat(req.batch, 1)
+        control = None if req.control is None else _controlnet.StepControl(
+            self.runners, req.control, control_steps, req.guidance, timings)
         latents = self._denoise(self.runners["unet"], "unet", sched, timesteps, latents,
-                                (embeds, pooled, time_ids), req, timings)
+                                (embeds, pooled, time_ids), req, timings, control)
         return latents, len(timesteps)
 
     def _refine(self, req: SampleRequest, enc: EncodedPrompts, latents: torch.Tensor,

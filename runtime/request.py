@@ -52,6 +52,8 @@ class SampleRequest:
     refiner_only: bool = False
     #: inpainting: the preprocessed image, mask and crop (:class:`~.inpaint.InpaintInputs`), else None.
     inpaint: Any = None
+    #: ControlNet: the checked runtime.controlnet.ControlRequest, None without ControlNet.
+    control: Any = None
 
     @property
     def batch(self) -> int:

@@ -127,6 +127,7 @@ class Models:
     base: str
     refiner: str | None
     sha256: str
+    controlnets: tuple[str, ...] = ()  # the ControlNets built (names for units' "model")
 
     def titles(self) -> dict[str, str]:
         out = {self.base: self.title(self.base)}
@@ -159,6 +160,8 @@ def _check_fields(body: Mapping[str, Any], models: Models, img2img: bool = False
             continue
         if key == "override_settings":
             _check_overrides(value, models)
+            continue
+        if key == "alwayson_scripts":  # ControlNet units: serve/controlnet_api.py
             continue
         if key in defaults:
             if value not in defaults[key]:
@@ -233,6 +236,12 @@ def parse_txt2img(body: Any, *, models: Models, max_images: int,
                          "put <lora:name:scale> tags in the prompt")
     if tags:
         kwargs["loras"] = tags
+    from . import controlnet_api
+
+    control = controlnet_api.parse_a1111(body.get("alwayson_scripts"), available=models.controlnets,
+                                         height=int(height or 512), width=int(width or 512))
+    if control is not None:
+        kwargs["controlnets"] = control
     meta_hr: dict[str, Any] = {}
     if img2img and body.get("enable_hr") not in (None, False):
         raise ParamError("enable_hr", "hires fix applies to txt2img", "drop 'enable_hr' from img2img requests",

@@ -240,7 +240,10 @@ def build_app(get_service: Callable[[], ImageService | None], config: ServeConfi
         if pipe is not None:
             files = pipe.artifacts.component("unet").get("files") or {}
             sha = next(iter(files.values()), "") or ""
-        return a1111_api.Models(base=name, refiner=refiner, sha256=sha or "0" * 64)
+        from ..runtime import available_controlnets as available
+
+        return a1111_api.Models(base=name, refiner=refiner, sha256=sha or "0" * 64,
+                                controlnets=tuple(available(pipe.runners)) if pipe is not None else ())
 
     async def generate(request: Request, parse: Callable[[Any, ImageService], ParsedRequest], *,
                        json_body: bool = True) -> list[Any]:
@@ -404,7 +407,11 @@ def build_app(get_service: Callable[[], ImageService | None], config: ServeConfi
     @app.get("/sdapi/v1/scripts")
     @guarded
     async def scripts(request: Request) -> Any:
-        return {"txt2img": [], "img2img": []}
+        from . import controlnet_api
+
+        svc = get_service()
+        names = controlnet_api.scripts(svc.pipe if svc is not None else None)
+        return {"txt2img": names, "img2img": names}
 
     @app.get("/sdapi/v1/loras")
     @guarded
@@ -427,6 +434,10 @@ def build_app(get_service: Callable[[], ImageService | None], config: ServeConfi
                 "state": {"skipped": False, "interrupted": False, "stopping_generation": False,
                           "job": "txt2img" if busy else "", "job_count": int(svc.waiting if svc else 0),
                           "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}}
+
+    from . import controlnet_api
+
+    controlnet_api.register(app, lambda: getattr(get_service(), "pipe", None), guarded)
 
     from . import workflows_api  # inpainting edits and the hires-fix lists: their own module
 

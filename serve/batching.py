@@ -62,6 +62,8 @@ class SamplingParams:
     #: further pipeline keywords every image of the call shares, ``((name, value), ...)`` sorted:
     #: inpainting's ``padding_mask_crop``, the hires fix's ``hires_*``
     extra: tuple[tuple[str, Any], ...] = ()
+    #: the ControlNet set: ``(((name, scale, start, end), ...), guess_mode)`` or () (serve/controlnet_api.py)
+    controlnets: tuple[Any, ...] = ()
 
     @property
     def guidance(self) -> bool:
@@ -87,6 +89,7 @@ class ImageJob:
     started: float | None = None
     image: Any = None  # img2img: this job's input image (PIL)
     mask: Any = None  # inpainting: this job's mask (PIL)
+    control_images: tuple[Any, ...] = ()  # ControlNet: this job's control map per ControlNet (PIL)
 
 
 @dataclass
@@ -133,6 +136,12 @@ def _img2img_kwargs(jobs: Sequence[ImageJob]) -> dict[str, Any]:
     return out
 
 
+def _controlnet_kwargs(jobs: Sequence[ImageJob]) -> dict[str, Any]:
+    from .controlnet_api import chunk_kwargs
+
+    return chunk_kwargs(jobs)
+
+
 def _run_chunk(pipe: Any, jobs: Sequence[ImageJob]) -> list[JobResult]:
     p = jobs[0].params
     negatives = None if p.zero_negative else [j.negative_prompt or "" for j in jobs]
@@ -143,7 +152,8 @@ def _run_chunk(pipe: Any, jobs: Sequence[ImageJob]) -> list[JobResult]:
         generator=[torch.Generator("cpu").manual_seed(j.seed) for j in jobs], scheduler=p.scheduler,
         aesthetic_score=p.aesthetic_score, negative_aesthetic_score=p.negative_aesthetic_score,
         original_size=p.original_size, crops_coords_top_left=p.crops_coords_top_left, target_size=p.target_size,
-        output_type="pil", loras=dict(p.loras), **_img2img_kwargs(jobs), **dict(p.extra),
+        output_type="pil", loras=dict(p.loras), **_img2img_kwargs(jobs), **_controlnet_kwargs(jobs),
+        **dict(p.extra),
     )
     run = time.perf_counter() - t0
     timings = out.timings.to_dict()

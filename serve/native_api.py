@@ -32,7 +32,7 @@ from .common import (
 KNOWN = {"loras", "prompt", "negative_prompt", "num_images_per_prompt", "height", "width", "num_inference_steps",
          "guidance_scale", "denoising_end", "refiner", "seed", "scheduler", "original_size",
          "crops_coords_top_left", "target_size", "aesthetic_score", "negative_aesthetic_score", "image",
-         "strength", "refiner_only", "mask", "mask_image"}
+         "strength", "refiner_only", "mask", "mask_image", "controlnets"}
 
 
 def _texts(body: dict[str, Any], key: str) -> list[str] | None:
@@ -109,7 +109,9 @@ def parse(body: Any, *, has_refiner: bool, max_images: int) -> ParsedRequest:
     negs = None if negatives is None else [q for q in negatives for _ in range(per)]
     if body.get("loras") is not None:
         kwargs["loras"] = body["loras"]  # names in the server's LoRA folder, checked at admission
+    if body.get("controlnets") not in (None, []):  # checked at admission (serve/controlnet_api.py)
+        kwargs["controlnets"] = {"native": body["controlnets"]}
     seed = get_int(body, "seed", None, lo=-1)
     return ParsedRequest(prompts=expanded, negatives=negs, seeds=seeds_for(seed, n), kwargs=kwargs,
-                         echo={k: body[k] for k in body if k not in ("prompt", "negative_prompt", "image")},
+                         echo={k: body[k] for k in body if k not in ("prompt", "negative_prompt", "image", "controlnets")},
                          images=None if image is None else [image] * n)

@@ -203,6 +203,10 @@ class ImageService:
         from . import loras as lora_names
 
         self.check_ready()
+        from . import controlnet_api
+
+        control = controlnet_api.admit(kwargs.pop("controlnets", None), self.pipe, kwargs)
+        kwargs.update(controlnet_api.call_kwargs(control))
         cfg = self.config
         lora_key = lora_names.check(loras, cfg.lora_dir)
         if not prompts:
@@ -251,10 +255,12 @@ class ImageService:
             img2img=bool(norm.get("img2img")), strength=norm.get("strength"),
             refiner_only=bool(norm.get("refiner_only")), loras=lora_key,
             extra=tuple(sorted((k, kwargs[k]) for k in EXTRA_KEYS if kwargs.get(k) is not None)),
+            controlnets=controlnet_api.batch_key(control),
         )
         return [ImageJob(prompt=p, negative_prompt=None if negatives is None else negatives[i], seed=int(seeds[i]),
                          params=params, request_id=request_id, index=i, image=images[i] if images else None,
-                         mask=masks[i] if masks else None)
+                         mask=masks[i] if masks else None,
+                         control_images=tuple(control["images"]) if control else ())
                 for i, p in enumerate(prompts)]
 
     def _admit(self, jobs: Sequence[ImageJob]) -> None:

@@ -46,7 +46,7 @@ from ...errors import (
     MissingComponentError,
     WeightMismatchError,
 )
-from ...specs import ComponentSpec
+from ...specs import ComponentSpec, level_dims
 from .base import ComponentRunner
 from .registry import ComponentContext
 
@@ -348,6 +348,7 @@ class OrtRunner(ComponentRunner):
         if "height" in bound:
             bound.setdefault("latent_height", bound["height"] // s)
             bound.setdefault("latent_width", bound["width"] // s)
+        level_dims(bound)  # a ControlNet's residuals at the deeper levels
         return {t.name: t.concrete(bound) for t in self.spec.outputs}
 
     # ---- calls ---------------------------------------------------------------------------------
@@ -426,7 +427,7 @@ def auto_lanes(spec: ComponentSpec, model_path: Path) -> int:
     end to end 4.82 -> 3.96 s. Each lane holds the weights again, so a UNet whose files
     take more than 1/8 of RAM (the full-size SDXL UNet is ~10 GB fp32) keeps one session.
     """
-    if spec.kind != "unet" or physical_cores() < 2:
+    if spec.kind not in ("unet", "unet_controlnet", "controlnet") or physical_cores() < 2:
         return 1
     try:
         import psutil

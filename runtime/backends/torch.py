@@ -78,7 +78,18 @@ MODULE_CLASSES = {
     "CLIPTextModelWithProjection": "transformers",
     "UNet2DConditionModel": "diffusers",
     "AutoencoderKL": "diffusers",
+    "ControlNetModel": "diffusers",
 }
+
+
+def module_of(component: str) -> str | None:
+    """The torch/ folder of a component (ControlNets: ``unet_controlnet`` is the UNet's weights,
+    ``controlnet_<name>`` its own folder); None when the torch backend cannot run it."""
+    if component == "unet_controlnet":
+        return "unet"
+    if component.startswith("controlnet_"):
+        return component
+    return COMPONENT_MODULE.get(component)
 
 def module_class(class_name: Any, where: Path) -> Any:
     """The torch module class a manifest names, from :data:`MODULE_CLASSES` only."""
@@ -130,7 +141,7 @@ class TorchRunner(ComponentRunner):
                 f"unknown torch backend option(s) {sorted(unknown)}",
                 f"use only {sorted(KNOWN_OPTIONS)}",
             )
-        if ctx.name not in COMPONENT_MODULE:
+        if module_of(ctx.name) is None:
             raise InvalidRequestError(
                 f"the torch backend has no module for component {ctx.name!r}",
                 f"use one of {sorted(COMPONENT_MODULE)}",
@@ -144,7 +155,7 @@ class TorchRunner(ComponentRunner):
                 f"dtype {dtype_name} needs a CUDA device (the CPU backend is the fp32 reference)",
                 "pass device='cuda' or drop the dtype option",
             )
-        self.module_name = COMPONENT_MODULE[ctx.name]
+        self.module_name = str(module_of(ctx.name))
         # SDXL's VAE overflows in fp16 (NaN / black images): it always computes in float32.
         self.compute_dtype = torch.float32 if self.module_name == "vae" else DTYPES[dtype_name]
         use_graphs = bool(ctx.options.get("cuda_graphs", False))
@@ -309,6 +320,10 @@ def _wrap(component: str, model: torch.nn.Module) -> torch.nn.Module:
         return TextEncoderWrapper(model, pooled=True)
     if component in ("unet", "refiner_unet"):
         return UNetWrapper(model)
+    if component == "unet_controlnet" or component.startswith("controlnet_"):
+        from ...models.wrappers import wrap_module
+
+        return wrap_module(component, model)
     if component == "vae_decoder":
         return VAEDecoderWrapper(model)
     return VAEEncoderWrapper(model)
