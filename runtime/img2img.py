@@ -96,18 +96,20 @@ def is_latents(image: Any, latent_channels: int = 4) -> bool:
             and int(image.shape[1]) == latent_channels)
 
 
+def latents_input(image: torch.Tensor) -> torch.Tensor:
+    """Latents given as img2img's ``image`` (:func:`is_latents`): used as they are, as in diffusers."""
+    out = image.detach().to("cpu", torch.float32)
+    if not bool(torch.isfinite(out).all()):
+        raise InvalidImageError("the latents have NaN/Inf values", "pass finite latents")
+    return out
+
+
 def preprocess(processor: Any, image: Any, height: int | None = None, width: int | None = None) -> torch.Tensor:
     """``(N, 3, H, W)`` float32 in [-1, 1]: diffusers' ``VaeImageProcessor.preprocess``.
 
     Without ``height``/``width`` the image keeps its size (rounded down to a multiple of the
-    VAE scale, as diffusers' img2img does); with them it is resized to that size. Latents
-    (:func:`is_latents`) pass through unchanged, as in diffusers.
+    VAE scale, as diffusers' img2img does); with them it is resized to that size.
     """
-    if is_latents(image, processor.config.vae_latent_channels):
-        out = image.detach().to("cpu", torch.float32)
-        if not bool(torch.isfinite(out).all()):
-            raise InvalidImageError("the latents have NaN/Inf values", "pass finite latents")
-        return out
     items = image if isinstance(image, (list, tuple)) else [image]
     if not items:
         raise InvalidImageError("image is an empty list", _IMAGE_HINT)

@@ -439,7 +439,8 @@ class SDXLPipeline:
                                       "pass mask_image= (--mask FILE), or drop padding_mask_crop")
         elif image is not None:
             # The image defines the size (diffusers' img2img); height/width, if given, resize it.
-            pixels = img2img.preprocess(self._image_processor, image, height, width)
+            pixels = (img2img.latents_input(image) if img2img.is_latents(image, self.latent_channels)
+                      else img2img.preprocess(self._image_processor, image, height, width))
             height, width = int(pixels.shape[-2]), int(pixels.shape[-1])
             if pixels.shape[1] == self.latent_channels:  # latents (diffusers): the size is theirs x 8
                 height, width = height * self.vae_scale, width * self.vae_scale
