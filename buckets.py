@@ -116,3 +116,14 @@ def parse_bucket_list(text: str, native: int = SDXL_NATIVE) -> tuple[Bucket, ...
     if not out:
         raise InvalidRequestError("empty bucket list", "pass 'all' or sizes like 1024x1024,832x1216")
     return tuple(dict.fromkeys(out))
+
+
+def with_hires_targets(buckets: tuple[Bucket, ...], scales: tuple[float, ...], multiple: int = 8
+                       ) -> tuple[Bucket, ...]:
+    """``buckets`` plus each one's hires-fix target at every scale (``int(side * scale)`` rounded
+    down to ``multiple``, as :mod:`sdxl_export.runtime.hires` computes it), without duplicates."""
+    out = list(buckets)
+    for s in scales:
+        out += [Bucket(int(b.height * s) // multiple * multiple, int(b.width * s) // multiple * multiple)
+                for b in buckets]
+    return tuple(dict.fromkeys(out))

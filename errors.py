@@ -117,6 +117,19 @@ class WeightMismatchError(InvalidRequestError):
     """A run-time weight update names a weight the component does not have, or has the wrong shape."""
 
 
+class InvalidMaskError(InvalidImageError):
+    """An inpainting mask is unreadable, not an image, empty (selects no pixel), or does not fit
+    the image batch."""
+
+
+class InpaintingModelError(InvalidRequestError):
+    """A 9-channel inpainting UNet was asked for text-to-image or image-to-image without a mask."""
+
+
+class UnknownUpscalerError(InvalidRequestError):
+    """A hires-fix upscaler is not one we have (ESRGAN-family upscalers need weights we do not ship)."""
+
+
 class InputMismatchError(SDXLExportError, ValueError):
     """A component was called with inputs whose names, dtypes or shapes break its spec."""
 

@@ -249,13 +249,24 @@ class ModelDims:
     latent_channels: int = 4
     vae_scale: int = 8
     sample_size: int = 128  # UNet sample_size (latents); native pixels = sample_size * vae_scale
+    #: The base UNet's input channels when they differ from the latent channels: 9 for an
+    #: inpainting UNet (latents + mask + masked-image latents, diffusers' layout). None: 4.
+    unet_in_channels: int | None = None
 
     @property
     def native_size(self) -> int:
         return self.sample_size * self.vae_scale
 
+    @property
+    def inpainting(self) -> bool:
+        """The base UNet is an inpainting UNet (it takes mask + masked-image latents too)."""
+        return self.unet_in_channels not in (None, self.latent_channels)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["unet_in_channels"] is None:  # manifests of ordinary models stay as they were
+            del d["unet_in_channels"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelDims:
@@ -277,13 +288,19 @@ def _text_encoder(name: str, hidden: int, pooled: int | None, dims: ModelDims) -
     )
 
 
-def _unet(name: str, context: int, n_time_ids: int, dims: ModelDims) -> ComponentSpec:
+def _unet(name: str, context: int, n_time_ids: int, dims: ModelDims, in_channels: int | None = None) -> ComponentSpec:
+    """A UNet's spec; ``in_channels`` (9 for an inpainting UNet) widens ``sample`` only: the
+    runtime concatenates latents, mask and masked-image latents into it, as diffusers does."""
     c = dims.latent_channels
+    c_in = in_channels or c
+    config: dict[str, Any] = {"context_dim": context, "pooled_dim": dims.pooled_dim, "time_ids": n_time_ids}
+    if c_in != c:
+        config["in_channels"] = c_in
     return ComponentSpec(
         name=name,
         kind="unet",
         inputs=(
-            TensorSpec("sample", "float32", ("batch", c, "latent_height", "latent_width")),
+            TensorSpec("sample", "float32", ("batch", c_in, "latent_height", "latent_width")),
             TensorSpec("timestep", "float32", (1,)),
             TensorSpec("encoder_hidden_states", "float32", ("batch", MAX_TOKENS, context)),
             TensorSpec("text_embeds", "float32", ("batch", dims.pooled_dim)),
@@ -292,7 +309,7 @@ def _unet(name: str, context: int, n_time_ids: int, dims: ModelDims) -> Componen
         outputs=(TensorSpec("noise_pred", "float32", ("batch", c, "latent_height", "latent_width")),),
         tolerance=Tolerance(atol=2e-4, rtol=1e-4),
         vae_scale=dims.vae_scale,
-        config={"context_dim": context, "pooled_dim": dims.pooled_dim, "time_ids": n_time_ids},
+        config=config,
     )
 
 
@@ -361,7 +378,7 @@ def component_specs(dims: ModelDims, with_refiner: bool = True) -> dict[str, Com
     specs = {
         "text_encoder": _text_encoder("text_encoder", dims.text_hidden, None, dims),
         "text_encoder_2": _text_encoder("text_encoder_2", dims.text2_hidden, dims.pooled_dim, dims),
-        "unet": _unet("unet", dims.unet_context, dims.unet_time_ids, dims),
+        "unet": _unet("unet", dims.unet_context, dims.unet_time_ids, dims, dims.unet_in_channels),
         "vae_decoder": ComponentSpec(
             name="vae_decoder",
             kind="vae_decoder",

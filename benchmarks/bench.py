@@ -98,6 +98,9 @@ class BenchConfig:
     #: ``--lora FILE[:SCALE]``: after the cases, the switch times and the UNet step with and
     #: without this LoRA set on each variant (:func:`lora_bench`).
     loras: tuple[tuple[str, float], ...] = ()
+    #: ``--workflows``: after the cases, an inpainting and a hires-fix request, ours vs diffusers'
+    #: same composition (:mod:`.workflow_bench`)
+    workflows: bool = False
 
     def check(self) -> None:
         if (self.artifacts is None) == (self.model is None):
@@ -238,7 +241,9 @@ def prepare_artifacts(cfg: BenchConfig) -> tuple[Path, dict[str, Any]]:
                      cfg.batch_sizes, target)
             report = build(BuildOptions(model=cfg.model, refiner=cfg.refiner_source, with_refiner=cfg.use_refiner,
                                         vae=cfg.vae_source, out=target, backend=backend, buckets=buckets,
-                                        batch_sizes=tuple(cfg.batch_sizes), precision=precision))
+                                        batch_sizes=tuple(cfg.batch_sizes), precision=precision,
+                                        # --workflows: the hires-fix request's target size too
+                                        hires_scales=(1.5,) if cfg.workflows else ()))
             timing["built_backends"].append(report.backend if precision == "fp32"
                                             else f"{report.backend} {precision}")
             fresh.append(report.up_to_date)
@@ -354,6 +359,11 @@ def _run(cfg: BenchConfig, skipped: dict[str, str]) -> dict[str, Any]:
             descriptions[name] = {**descriptions[name], "engine_precision": v.precision,
                                   "artifacts": str(folders[name])}
         lora = lora_bench(cfg, pipes, sizes[0], artifacts) if cfg.loras else None
+        workflows = None
+        if cfg.workflows:
+            from .workflow_bench import workflow_bench
+
+            workflows = workflow_bench(cfg, pipes, sizes[0], artifacts)
     finally:
         for p in pipes.values():
             p.close()
@@ -362,6 +372,8 @@ def _run(cfg: BenchConfig, skipped: dict[str, str]) -> dict[str, Any]:
     result = _result(cfg, started, artifacts, build_timing, load_seconds, descriptions, cases)
     if lora is not None:
         result["lora"] = lora
+    if workflows is not None:
+        result["workflows"] = workflows
     return result
 
 

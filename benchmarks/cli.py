@@ -80,6 +80,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--fewstep", action="store_true",
                    help="few-step vs default: a 4-step guidance-free request (SDXL-Lightning's settings, "
                    "euler_trailing) and the 30-step guidance-5 default, ours vs diffusers, base only")
+    p.add_argument("--workflows", action="store_true",
+                   help="also measure an inpainting and a hires-fix request, ours vs diffusers' same composition")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the full result as JSON")
     p.add_argument("--controlnet", nargs="?", const="", default=None, metavar="NAME",
                    help="with --artifacts: a base step with and without this ControlNet (default the first "
@@ -135,6 +137,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         cfg = replace(cfg, baseline_bf16=False)
     if args.no_refiner:
         cfg = replace(cfg, use_refiner=False)
+    if getattr(args, "workflows", False):
+        cfg = replace(cfg, workflows=True)
     if args.batch_sizes is not None:
         cfg = replace(cfg, batch_sizes=parse_int_list(args.batch_sizes, "batch sizes"))
     if args.lora:
@@ -233,6 +237,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot is not None:
         plot(result, args.plot)
     print(markdown_table(result))
+    if "workflows" in result:
+        from .workflow_bench import markdown as workflows_markdown
+
+        print(workflows_markdown(result["workflows"]))
     if args.json is not None:
         print(f"\nwrote {args.json}")
     if args.plot is not None:

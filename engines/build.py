@@ -37,7 +37,7 @@ from ..artifacts import (
     sha256_file,
     sha256_json,
 )
-from ..buckets import parse_bucket_list
+from ..buckets import parse_bucket_list, with_hires_targets
 from ..errors import ArtifactError, BackendUnavailableError, InvalidRequestError
 from ..specs import ComponentSpec, specs_from_dicts
 from ..tensorrt_env import GpuInfo, gpu_info, trt_status, trt_version
@@ -79,6 +79,8 @@ class BuildOptions:
     precision: str = "fp32"
     vae_precision: str = "fp32"
     buckets: str = "all"
+    #: hires fix: also serve every bucket scaled by these (``--hires-scale``)
+    hires_scales: tuple[float, ...] = ()
     batch_sizes: tuple[int, ...] = (1,)
     profiles: str = DEFAULT_MODE
     backend: str = "auto"
@@ -152,6 +154,7 @@ class BuildOptions:
         args += ["--out", str(o.out)]
         for flag, value, default in (("--buckets", o.buckets, d.buckets),
                                      ("--batch-sizes", ",".join(map(str, o.batch_sizes)), "1"),
+                                     ("--hires-scale", ",".join(f"{x:g}" for x in o.hires_scales), ""),
                                      ("--profiles", o.profiles, d.profiles), ("--backend", o.backend, d.backend),
                                      ("--timing-cache", o.timing_cache, None), ("--workspace", o.workspace_gb, None),
                                      ("--builder-optimization-level", o.builder_optimization_level,
@@ -371,7 +374,7 @@ def _load_previous(root: Path) -> dict[str, Any]:
 def make_plan(opts: BuildOptions, export_manifest: Mapping[str, Any]) -> Plan:
     specs = specs_from_dicts(c["spec"] for c in export_manifest["components"].values())
     native = int(export_manifest["native_size"])
-    buckets = parse_bucket_list(opts.buckets, native)
+    buckets = with_hires_targets(parse_bucket_list(opts.buckets, native), tuple(opts.hires_scales))
     recorded = (export_manifest.get("defaults") or {}).get("guidance_scale")
     return plan_profiles(specs, native=native, buckets=buckets, batch_sizes=opts.batch_sizes, mode=opts.profiles,
                          guidance=recorded is None or float(recorded) > 1.0)

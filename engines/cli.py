@@ -20,6 +20,16 @@ from .planner import DEFAULT_MODE, MODES, Plan
 from .trt_builder import DEFAULT_OPT_LEVEL, HARDWARE_COMPAT, MAX_OPT_LEVEL
 
 
+def _hires_scales(text: str) -> tuple[float, ...]:
+    try:
+        scales = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of numbers (e.g. 1.5,2)") from None
+    if not scales or any(not 1.0 <= x <= 8.0 for x in scales):
+        raise argparse.ArgumentTypeError(f"hires scales must be numbers in [1, 8], got {text!r}")
+    return scales
+
+
 def _batch_sizes(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(p) for p in text.split(",") if p.strip())
@@ -44,6 +54,8 @@ def add_build_options(p: argparse.ArgumentParser) -> None:
                    help=f"artifact folder (default {DEFAULT_ARTIFACTS})")
     p.add_argument("--buckets", default="all", metavar="all|HxW,...",
                    help="aspect buckets to serve (default: all 40, scaled to the model's native size)")
+    p.add_argument("--hires-scale", dest="hires_scales", type=_hires_scales, default=(), metavar="S[,S]",
+                   help="hires fix: also serve each bucket scaled by S (e.g. 1.5,2), the second pass's size")
     p.add_argument("--batch-sizes", type=_batch_sizes, default=(1,), metavar="N,N",
                    help="prompt batch sizes (the UNet runs 2x under classifier-free guidance; default 1)")
     p.add_argument("--profiles", choices=MODES, default=DEFAULT_MODE, help=f"profile mode (default {DEFAULT_MODE})")
@@ -76,6 +88,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         prediction_type=getattr(args, "prediction_type", None), native_size=getattr(args, "native_size", None),
         out=args.out, precision=args.precision, vae_precision=args.vae_precision, buckets=args.buckets,
         batch_sizes=tuple(args.batch_sizes), profiles=args.profiles, backend=args.backend,
+        hires_scales=tuple(getattr(args, "hires_scales", ())),
         timing_cache=args.timing_cache, workspace_gb=args.workspace_gb,
         builder_optimization_level=args.builder_optimization_level,
         hardware_compatibility=args.hardware_compatibility, version_compatible=args.version_compatible,
@@ -132,7 +145,7 @@ def _plan_text(plan: Plan, source: str) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from ..buckets import parse_bucket_list
+    from ..buckets import parse_bucket_list, with_hires_targets
     from .planner import plan_profiles
     from .sources import specs_for_plan
 
@@ -140,7 +153,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     specs, native, source = specs_for_plan(opts.model, opts.refiner, opts.with_refiner, opts.out)
     if opts.native_size:  # --native-size: the size the export will record (SDXL-Turbo from a single file)
         native = opts.native_size
-    plan = plan_profiles(specs, native=native, buckets=parse_bucket_list(opts.buckets, native),
+    plan = plan_profiles(specs, native=native,
+                         buckets=with_hires_targets(parse_bucket_list(opts.buckets, native), opts.hires_scales),
                          batch_sizes=opts.batch_sizes, mode=opts.profiles)
     if args.json:
         json.dump({"source": source, **plan.to_dict()}, sys.stdout, indent=2)

@@ -46,6 +46,8 @@ def dims_from_configs(
         latent_channels=int(vae.get("latent_channels", 4)),
         vae_scale=2 ** (len(vae["block_out_channels"]) - 1),
         sample_size=int(unet["sample_size"]),
+        unet_in_channels=(None if int(unet.get("in_channels", 4)) == int(vae.get("latent_channels", 4))
+                          else int(unet["in_channels"])),
     )
 
 

@@ -193,9 +193,14 @@ def dims_from_configs(
             raise bad(f"its UNet context dim {refiner['cross_attention_dim']} != text_encoder_2 width "
                       f"{hidden2} of the base", "refiner")
     latent = int(vae.get("latent_channels", 4))
-    for cfg, role in ((unet, "base"), (refiner, "refiner")):
-        if cfg is not None and int(cfg.get("in_channels", 4)) != latent:
-            raise bad(f"its UNet takes {cfg.get('in_channels')} channels, the VAE has {latent}", role)
+    # The base may be an inpainting UNet (diffusers' layout: latents + mask + masked-image
+    # latents = 2 * latent + 1 channels, e.g. SDXL inpainting 0.1); the refiner may not.
+    unet_in = int(unet.get("in_channels", 4))
+    if unet_in not in (latent, 2 * latent + 1):
+        raise bad(f"its UNet takes {unet_in} channels; the VAE has {latent} (an inpainting UNet "
+                  f"takes {2 * latent + 1})")
+    if refiner is not None and int(refiner.get("in_channels", 4)) != latent:
+        raise bad(f"its UNet takes {refiner.get('in_channels')} channels, the VAE has {latent}", "refiner")
     return ModelDims(
         vocab_size=int(te1["vocab_size"]),
         text_hidden=hidden1,
@@ -208,6 +213,7 @@ def dims_from_configs(
         latent_channels=latent,
         vae_scale=2 ** (len(vae["block_out_channels"]) - 1),
         sample_size=int(unet["sample_size"]),
+        unet_in_channels=unet_in if unet_in != latent else None,
     )
 
 

@@ -169,6 +169,21 @@ PRESETS: dict[str, PresetConfig] = {
 }
 
 
+def _inpainting_variant(name: str) -> PresetConfig:
+    """``NAME-inpaint``: preset NAME with a 9-channel inpainting base UNet (diffusers' layout,
+    as SDXL inpainting 0.1: latents + mask + masked-image latents); text encoders, VAE and
+    refiner are NAME's, seeded the same, so their weights are NAME's too."""
+    base = PRESETS[name]
+    unet = dict(base.unet, in_channels=2 * int(base.vae["latent_channels"]) + 1)
+    return PresetConfig(name=f"{name}-inpaint", text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+                        unet=unet, refiner_unet=base.refiner_unet, vae=base.vae, scheduler=dict(base.scheduler),
+                        seed=base.seed)
+
+
+# After the plain presets: a single-file checkpoint is matched against them in this order.
+PRESETS.update({f"{n}-inpaint": _inpainting_variant(n) for n in ("tiny", "small")})
+
+
 def preset_names() -> tuple[str, ...]:
     return tuple(PRESETS)
 

@@ -26,6 +26,8 @@ _EXPORTS = {
     "read_image": "img2img",
     "ComponentRunner": "backends.base",
     "resolve_backend": "backends",
+    "find_upscaler": "hires",
+    "UPSCALERS": "hires",
     "BACKENDS": "backends",
     "backend_help": "backends",
     "available_controlnets": "controlnet",

@@ -65,7 +65,20 @@ def register(subparsers: Any) -> None:
     p.add_argument("--refiner-only", action="store_true",
                    help="img2img with the refiner alone: refine --image (no base)")
     p.add_argument("--mask", type=Path, default=None, metavar="FILE",
-                   help="inpainting mask: not supported (refused with an error rather than ignored)")
+                   help="inpaint --image: white = repaint, black = keep (diffusers' inpaint pipeline; "
+                   "--strength defaults to 0.9999, 1.0 starts from noise)")
+    p.add_argument("--mask-crop", type=int, default=None, metavar="PX",
+                   help="inpaint only a crop around the mask with this margin, pasted back (padding_mask_crop)")
+    p.add_argument("--hires-scale", type=float, default=None, metavar="S",
+                   help="hires fix: a first pass at --height/--width, upscale by S, an img2img pass at that size")
+    p.add_argument("--hires-upscaler", default="latent", metavar="NAME",
+                   help="hires fix upscaler: latent (bilinear), latent-antialiased, latent-bicubic, "
+                   "latent-bicubic-antialiased, latent-nearest, latent-nearest-exact, lanczos, nearest "
+                   "(or the web UI's names)")
+    p.add_argument("--hires-steps", type=int, default=None, metavar="N",
+                   help="hires fix: the second pass's steps (default --steps; it runs int(N x strength))")
+    p.add_argument("--hires-strength", type=float, default=None, metavar="S",
+                   help="hires fix: the second pass's denoising strength (default 0.7)")
     p.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt (default 1)")
     p.add_argument("--backend", default="auto", metavar="NAME", help=backend_help())
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -119,8 +132,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                           guidance_scale=args.guidance, denoising_end=args.denoising_end, refiner=refiner,
                           seed=args.seed, num_images_per_prompt=args.num_images, scheduler=args.scheduler,
                           image=args.image, strength=args.strength, refiner_only=args.refiner_only,
-                          mask_image=args.mask, eta=args.eta, timesteps=args.timesteps, sigmas=args.sigmas,
-                          callback_on_step_end=bar, **controlnet_cli.call_kwargs(args, height, width))
+                          mask_image=args.mask, padding_mask_crop=args.mask_crop, eta=args.eta,
+                          timesteps=args.timesteps, sigmas=args.sigmas, callback_on_step_end=bar,
+                          **controlnet_cli.call_kwargs(args, height, width),
+                          **({} if args.hires_scale is None else {
+                              "hires_scale": args.hires_scale, "hires_upscaler": args.hires_upscaler,
+                              "hires_steps": args.hires_steps, "hires_strength": args.hires_strength}))
         finally:
             bar.close()
     paths = output_paths(args.out, len(result.images))
@@ -140,9 +157,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     for path in paths:
         print(f"wrote {path}")
-    if info.get("img2img"):
+    if info.get("inpaint"):
+        print(f"inpainted {args.image} under {args.mask}, strength {info['strength']}"
+              + (f", crop {info['mask_crop']}" if info.get("mask_crop") else ""))
+    elif info.get("img2img"):
         print(f"img2img from {args.image}, strength {info['strength']}"
               + (", refiner only" if info["refiner_only"] else ""))
+    if info.get("hires"):
+        hi = info["hires"]
+        print(f"hires fix: {hi['first_size'][0]}x{hi['first_size'][1]} -> {hi['upscaler']} -> "
+              f"{hi['target'][0]}x{hi['target'][1]}, strength {hi['strength']}")
     print(f"seed {result.seed}, {info['height']}x{info['width']}, {info['scheduler']}, "
           f"{info['base_steps']} base + {info['refiner_steps']} refiner steps, {info['backend']} on {info['device']}")
     for line in result.timings.summary_lines():

@@ -99,6 +99,21 @@ def _as_processor_input(image: Any) -> Any:
     raise InvalidImageError(f"image must be an image, not {type(image).__name__}", _IMAGE_HINT)
 
 
+def is_latents(image: Any, latent_channels: int = 4) -> bool:
+    """An ``(N, C_latent, h, w)`` float tensor: latents, which diffusers' img2img takes as they are
+    (no VAE encode, no resize; e.g. a first pass's ``output_type="latent"``, hires fix)."""
+    return (isinstance(image, torch.Tensor) and image.dim() == 4 and image.is_floating_point()
+            and int(image.shape[1]) == latent_channels)
+
+
+def latents_input(image: torch.Tensor) -> torch.Tensor:
+    """Latents given as img2img's ``image`` (:func:`is_latents`): used as they are, as in diffusers."""
+    out = image.detach().to("cpu", torch.float32)
+    if not bool(torch.isfinite(out).all()):
+        raise InvalidImageError("the latents have NaN/Inf values", "pass finite latents")
+    return out
+
+
 def preprocess(processor: Any, image: Any, height: int | None = None, width: int | None = None) -> torch.Tensor:
     """``(N, 3, H, W)`` float32 in [-1, 1]: diffusers' ``VaeImageProcessor.preprocess``.
 

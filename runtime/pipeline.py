@@ -39,9 +39,15 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..artifacts import DEFAULT_ARTIFACTS
 from ..buckets import nearest_bucket
-from ..errors import ArtifactError, MissingComponentError, NumericalError, UnsupportedShapeError
+from ..errors import (
+    ArtifactError,
+    InvalidRequestError,
+    MissingComponentError,
+    NumericalError,
+    UnsupportedShapeError,
+)
 from . import controlnet as _controlnet
-from . import img2img
+from . import img2img, inpaint
 from .artifact_reader import REQUIRED_COMPONENTS, Artifacts, export_fix, read_artifacts
 from .backends import ComponentContext, create_runner, resolve_backend
 from .backends.base import ComponentRunner
@@ -112,7 +118,8 @@ class SDXLPipeline:
         self.encoder = encoder
         self.native_size = artifacts.native_size
         self.vae_scale = artifacts.specs["unet"].vae_scale
-        self.latent_channels = int(artifacts.specs["unet"].inputs[0].shape[1])
+        self.latent_channels = int(artifacts.specs["unet"].outputs[0].shape[1])
+        self.unet_in_channels = int(artifacts.specs["unet"].inputs[0].shape[1])  # 9: an inpainting UNet
         self.vae_config = artifacts.vae
         #: steps, guidance and scheduler a call without them runs (the build's recorded defaults)
         self.defaults = ModelDefaults.from_artifacts(artifacts)
@@ -282,6 +289,9 @@ class SDXLPipeline:
         controlnet_conditioning_scale: Any = 1.0, control_guidance_start: Any = 0.0,
         control_guidance_end: Any = 1.0, guess_mode: bool = False, eta: float = 0.0,
         timesteps: list[int] | None = None, sigmas: list[float] | None = None, callback_on_step_end: Any = None,
+        padding_mask_crop: int | None = None,
+        hires_scale: float | None = None, hires_size: tuple[int, int] | None = None, hires_upscaler: str = "latent",
+        hires_steps: int | None = None, hires_strength: float | None = None,
     ) -> SDXLPipelineOutput:
         """Generate images; arguments mean what they mean in diffusers' SDXL pipelines.
 
@@ -300,7 +310,15 @@ class SDXLPipeline:
         diffusers' img2img takes; the output has its size (``height``/``width`` resize it).
         ``strength`` in (0, 1] (default 0.3, diffusers') is how much of the schedule re-runs.
         ``refiner_only=True`` refines the image with the refiner alone (no base, no hand-off).
-        ``mask_image`` is refused: there is no inpainting.
+        Inpainting (:mod:`.inpaint`): ``mask_image`` (white = repaint) with ``image`` is diffusers'
+        ``StableDiffusionXLInpaintPipeline`` (4-channel UNet: blending; 9-channel inpainting
+        UNet: mask + masked-image latents as input); ``strength`` defaults to 0.9999 (1.0: from
+        noise); ``padding_mask_crop=PX`` crops around the mask and pastes back.
+
+        Hires fix (:mod:`.hires`): ``hires_scale`` (or ``hires_size=(H, W)``) makes this call a
+        first pass at ``height x width``, an upscale (``hires_upscaler``: ``latent`` and its
+        A1111 variants, ``lanczos``, ``nearest``) and an img2img pass at the target size with
+        ``hires_steps`` (default ``num_inference_steps``) at ``hires_strength`` (default 0.7).
 
         ``loras``: this call's LoRA set (``{file_or_name: scale}``, ``{}`` for none); default the
         set of :meth:`set_loras`. A call with another set than the active one waits for the calls
@@ -324,6 +342,24 @@ class SDXLPipeline:
         them; an exception it raises stops the call there (how servers cancel a running job).
         """
         t0 = time.perf_counter()
+        if hires_scale is not None or hires_size is not None:
+            from . import hires
+
+            if control_image is not None:
+                raise InvalidRequestError("hires fix with ControlNet is not supported",
+                                          "drop control_image= or the hires_* arguments")
+            return hires.run(self, dict(  # noqa: C408 -- the call's own keywords
+                prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, denoising_end=denoising_end,
+                refiner=refiner, seed=seed, generator=generator, num_images_per_prompt=num_images_per_prompt,
+                scheduler=scheduler, original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+                target_size=target_size, aesthetic_score=aesthetic_score,
+                negative_aesthetic_score=negative_aesthetic_score, output_type=output_type, image=image,
+                strength=strength, refiner_only=refiner_only, mask_image=mask_image, loras=loras,
+                padding_mask_crop=padding_mask_crop, eta=eta, timesteps=timesteps, sigmas=sigmas,
+                callback_on_step_end=callback_on_step_end), hires.HiresFix.make(
+                scale=hires_scale, size=hires_size, upscaler=hires_upscaler, steps=hires_steps,
+                strength=hires_strength))
         req = self._request(
             prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, denoising_end=denoising_end,
@@ -335,6 +371,7 @@ class SDXLPipeline:
             controlnet=controlnet, controlnet_conditioning_scale=controlnet_conditioning_scale,
             control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
             guess_mode=guess_mode, eta=eta, timesteps=timesteps, sigmas=sigmas,
+            padding_mask_crop=padding_mask_crop,
         )
         req.on_step = callback_on_step_end
         lset = self._default_loras if loras is None else self.loras.resolve(loras)
@@ -346,6 +383,8 @@ class SDXLPipeline:
         return out
 
     def _generate(self, req: SampleRequest, *, timings: StageTimings, t0: float) -> SDXLPipelineOutput:
+        if req.inpaint is not None:
+            return inpaint.generate(self, req, timings=timings, t0=t0)
         enc = self.encoder.encode(req.prompts, req.negatives, guidance=req.guidance, refiner=req.refiner,
                                   timings=timings, base=not req.refiner_only)
         init = self._encode_image(req, timings) if req.image is not None else None
@@ -380,6 +419,11 @@ class SDXLPipeline:
         by: ``height``, ``width``, ``steps``, ``scheduler`` (canonical name), ``guidance``,
         ``refiner``, ``batch``, and for img2img ``img2img``, ``strength``, ``refiner_only``.
         """
+        from . import hires
+
+        kwargs, fix = hires.split_kwargs(dict(kwargs))
+        if fix is not None:  # both passes checked; the first pass's values, the target under "hires"
+            return hires.check(self, dict(kwargs, prompt=prompt, negative_prompt=negative_prompt), fix).norm
         kwargs.setdefault("seed", 0)
         req = self._request(prompt=prompt, negative_prompt=negative_prompt, **kwargs)
         return {"height": req.height, "width": req.width, "steps": req.steps, "scheduler": req.scheduler,
@@ -387,7 +431,8 @@ class SDXLPipeline:
                 "denoising_end": req.denoising_end, "batch": req.batch, "img2img": req.image is not None,
                 "strength": req.strength if req.image is not None else None, "refiner_only": req.refiner_only,
                 "controlnets": req.control.key if req.control is not None else (),
-                "eta": req.eta, "timesteps": req.timesteps, "sigmas": req.sigmas}
+                "eta": req.eta, "timesteps": req.timesteps, "sigmas": req.sigmas,
+                "inpaint": req.inpaint is not None}
 
     def _request(self, *, prompt: Any, negative_prompt: Any, height: int | None = None,
                  width: int | None = None, num_inference_steps: int | None = None, guidance_scale: float | None = None,
@@ -400,16 +445,27 @@ class SDXLPipeline:
                  control_image: Any = None, controlnet: Any = None, controlnet_conditioning_scale: Any = 1.0,
                  control_guidance_start: Any = 0.0, control_guidance_end: Any = 1.0,
                  guess_mode: bool = False, eta: float = 0.0, timesteps: Any = None,
-                 sigmas: Any = None) -> SampleRequest:
+                 sigmas: Any = None, padding_mask_crop: int | None = None) -> SampleRequest:
         num_inference_steps, guidance_scale, scheduler = self.defaults.fill(num_inference_steps, guidance_scale,
                                                                             scheduler)
-        pixels = None
+        pixels = masked = None
         if control_image is not None and image is None and (height is None or width is None):
             height, width = _controlnet.control_size(self._control_processor, control_image, controlnet)
-        if image is not None and mask_image is None:
-            # The image defines the size (diffusers' img2img); height/width, if given, resize it.
-            pixels = img2img.preprocess(self._image_processor, image, height, width)
+        if mask_image is not None:  # inpainting: image and mask as diffusers' inpaint pipeline has them
+            masked = inpaint.prepare_inputs(self._image_processor, self.vae_scale, image, mask_image, height, width,
+                                            padding_mask_crop)
+            pixels = masked.image
             height, width = int(pixels.shape[-2]), int(pixels.shape[-1])
+        elif padding_mask_crop is not None:
+            raise InvalidRequestError("padding_mask_crop applies to inpainting, and no mask_image was given",
+                                      "pass mask_image= (--mask FILE), or drop padding_mask_crop")
+        elif image is not None:
+            # The image defines the size (diffusers' img2img); height/width, if given, resize it.
+            pixels = (img2img.latents_input(image) if img2img.is_latents(image, self.latent_channels)
+                      else img2img.preprocess(self._image_processor, image, height, width))
+            height, width = int(pixels.shape[-2]), int(pixels.shape[-1])
+            if pixels.shape[1] == self.latent_channels:  # latents (diffusers): the size is theirs x 8
+                height, width = height * self.vae_scale, width * self.vae_scale
         req = check_request(
             prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, denoising_end=denoising_end,
@@ -420,8 +476,12 @@ class SDXLPipeline:
             native=self.native_size, vae_scale=self.vae_scale,
         )
         req = with_schedule_args(req, eta=eta, timesteps=timesteps, sigmas=sigmas)
-        req = check_img2img(req, image=pixels, strength=strength, refiner_only=refiner_only,
-                            mask_image=mask_image, default_strength=img2img.DEFAULT_STRENGTH)
+        req = check_img2img(req, image=pixels, strength=strength, refiner_only=refiner_only, mask_image=None,
+                            default_strength=inpaint.DEFAULT_STRENGTH if masked is not None else img2img.DEFAULT_STRENGTH)
+        if masked is not None:
+            req = inpaint.check(self, req, masked)
+        else:
+            inpaint.check_not_inpainting_model(self, req.refiner_only)
         if req.image is not None and "vae_encoder" not in self.runners:
             raise MissingComponentError(f"{self.artifacts.root} has no vae_encoder: img2img cannot encode the image",
                                         export_fix(self.artifacts.root))
@@ -430,6 +490,9 @@ class SDXLPipeline:
             scale=controlnet_conditioning_scale, start=control_guidance_start, end=control_guidance_end,
             guess_mode=guess_mode, height=req.height, width=req.width, batch=req.batch,
             images_per_prompt=req.images_per_prompt)
+        if req.control is not None and req.inpaint is not None:
+            raise InvalidRequestError("inpainting with ControlNet is not supported",
+                                      "drop control_image= or mask_image=")
         if req.control is not None and req.refiner_only:
             raise _controlnet.InvalidControlError("the refiner takes no ControlNet (refiner_only=True)",
                                                   "drop control_image=, or run the base (refiner_only=False)")
@@ -514,13 +577,17 @@ class SDXLPipeline:
 
     def _denoise(self, runner: ComponentRunner, stage: str, sched: Any, timesteps: torch.Tensor,
                  latents: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                 req: SampleRequest, timings: StageTimings, control: Any = None) -> torch.Tensor:
+                 req: SampleRequest, timings: StageTimings, control: Any = None, hook: Any = None) -> torch.Tensor:
+        """The denoising loop; ``hook`` (inpainting's :class:`~.inpaint.MaskHook`) widens the UNet
+        input and post-processes each step."""
         embeds, pooled, time_ids = cond
         extra = step_kwargs(prepare_scheduler(sched, req.generator), req.generator, req.eta)
         t_feed = timesteps.to(device=self.device, dtype=torch.float32).reshape(-1, 1)
         for i, t in enumerate(timesteps):
             model_in = torch.cat([latents] * 2) if req.guidance else latents
             model_in = sched.scale_model_input(model_in, t)
+            if hook is not None:
+                model_in = hook.model_input(model_in)
             feeds = {"sample": model_in, "timestep": t_feed[i], "encoder_hidden_states": embeds,
                      "text_embeds": pooled, "time_ids": time_ids}
             run = runner
@@ -532,6 +599,8 @@ class SDXLPipeline:
                 uncond, text = noise_pred.chunk(2)
                 noise_pred = uncond + req.guidance_scale * (text - uncond)
             latents = sched.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+            if hook is not None:  # inpainting's blend, before the callback sees the latents (as diffusers)
+                latents = hook.after_step(sched, latents, i, timesteps)
             if req.on_step is not None:  # diffusers' callback_on_step_end
                 got = req.on_step(self, i, t, {"latents": latents, "stage": stage, "stage_steps": len(timesteps)})
                 latents = (got or {}).get("latents", latents)
@@ -550,6 +619,9 @@ class SDXLPipeline:
     def _encode_image(self, req: SampleRequest, timings: StageTimings) -> torch.Tensor:
         """The image's scaled latents, one per output (diffusers' ``prepare_latents`` before noise)."""
         assert req.image is not None
+        if req.image.shape[1] == self.latent_channels:  # latents given: diffusers uses them as they are
+            n = int(req.image.shape[0])
+            return torch.cat([req.image.to(self.device)] * (req.batch // n)) if req.batch > n else req.image.to(self.device)
         return img2img.encode(self.runners["vae_encoder"], req.image, generator=req.generator, batch=req.batch,
                               vae=self.vae_config, latent_channels=self.latent_channels, device=self.device,
                               timings=timings)
@@ -583,7 +655,7 @@ class SDXLPipeline:
         return latents, len(timesteps)
 
     def _refine(self, req: SampleRequest, enc: EncodedPrompts, latents: torch.Tensor,
-                timings: StageTimings) -> tuple[torch.Tensor, int]:
+                timings: StageTimings, hook: Any = None) -> tuple[torch.Tensor, int]:
         assert enc.refiner_embeds is not None and enc.refiner_pooled is not None
         assert self._refiner_schedulers is not None
         sched = self._refiner_schedulers(req.scheduler)
@@ -606,7 +678,7 @@ class SDXLPipeline:
         if req.guidance:
             time_ids = torch.cat([torch.tensor([neg], dtype=torch.float32).repeat(req.batch, 1), time_ids], dim=0)
         latents = self._denoise(self.runners["refiner_unet"], "refiner_unet", sched, timesteps, latents,
-                                (embeds, pooled, time_ids.to(self.device)), req, timings)
+                                (embeds, pooled, time_ids.to(self.device)), req, timings, hook=hook)
         return latents, len(timesteps)
 
     def _decode(self, latents: torch.Tensor, output_type: str, timings: StageTimings) -> Any:

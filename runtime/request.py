@@ -53,6 +53,8 @@ class SampleRequest:
     #: ``callback_on_step_end(pipe, i, t, callback_kwargs)`` (diffusers' shape), called after
     #: every denoising step of either stage; may return ``{"latents": ...}``, may raise to stop.
     on_step: Any = None
+    #: inpainting: the preprocessed image, mask and crop (:class:`~.inpaint.InpaintInputs`), else None.
+    inpaint: Any = None
     #: ControlNet: the checked runtime.controlnet.ControlRequest, None without ControlNet.
     control: Any = None
     #: diffusers' ``eta`` (schedulers whose ``step`` takes it) and custom ``timesteps``/``sigmas``

@@ -60,7 +60,7 @@ LEGACY_KARRAS = tuple(f"{s.a1111} Karras" for s in catalog.SAMPLERS
 
 RUN = {"prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height", "sampler_name",
        "sampler_index", "scheduler", "batch_size", "n_iter", "refiner_checkpoint", "refiner_switch_at",
-       "send_images"}
+       "send_images", "enable_hr"}
 #: Harmless whatever their value (the feature they belong to is off, or they only affect saving).
 IGNORED = {"denoising_strength", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
            "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name",
@@ -69,7 +69,7 @@ IGNORED = {"denoising_strength", "firstphase_width", "firstphase_height", "hr_sc
            "disable_extra_networks", "user", "sampler_index"}
 #: Field -> values equal to the web UI's default behaviour.
 DEFAULTS: dict[str, tuple[Any, ...]] = {
-    "enable_hr": (None, False), "restore_faces": (None, False), "tiling": (None, False),
+    "restore_faces": (None, False), "tiling": (None, False),
     "subseed_strength": (None, 0, 0.0), "seed_resize_from_h": (None, -1, 0), "seed_resize_from_w": (None, -1, 0),
     "eta": (None, 1.0, 1), "s_churn": (None, 0, 0.0), "s_tmax": (None, 0, 0.0), "s_tmin": (None, 0, 0.0),
     "s_noise": (None, 1, 1.0), "styles": (None, []), "save_images": (None, False),
@@ -160,9 +160,6 @@ def _check_fields(body: Mapping[str, Any], models: Models, img2img: bool = False
 def parse_img2img(body: Any, *, models: Models, max_images: int) -> tuple[ParsedRequest, dict[str, Any]]:
     """``/sdapi/v1/img2img``: txt2img's fields plus the input images and the strength."""
     body = body_dict(body)
-    if not _empty(body.get("mask")):
-        raise ParamError("mask", "a 'mask' was sent, but inpainting is not supported by this server",
-                         "remove 'mask': img2img repaints the whole image", code="unsupported_value")
     raw = body.get("init_images")
     if not isinstance(raw, list) or not raw:
         raise ParamError("init_images", "'init_images' must be a non-empty list of base64 images",
@@ -175,6 +172,10 @@ def parse_img2img(body: Any, *, models: Models, max_images: int) -> tuple[Parsed
     inputs = [decode_image(v, f"init_images[{i}]") for i, v in enumerate(raw)]
     parsed.images = [inputs[i % len(inputs)] for i in range(len(parsed.prompts))]
     parsed.kwargs["strength"] = strength
+    if not _empty(body.get("mask")):  # inpainting: serve/workflows_api.py
+        from .workflows_api import a1111_mask
+
+        a1111_mask(body, parsed, meta)
     parsed.echo.update(init_images=None, mask=None)  # the web UI leaves them out of "parameters" too
     meta["denoising_strength"] = strength
     return parsed, meta
@@ -232,10 +233,20 @@ def parse_txt2img(body: Any, *, models: Models, max_images: int,
                                          height=int(height or 512), width=int(width or 512))
     if control is not None:
         kwargs["controlnets"] = control
+    meta_hr: dict[str, Any] = {}
+    if img2img and body.get("enable_hr") not in (None, False):
+        raise ParamError("enable_hr", "hires fix applies to txt2img", "drop 'enable_hr' from img2img requests",
+                         code="unsupported_value")
+    if not img2img and body.get("enable_hr") not in (None, False):  # hires fix: serve/workflows_api.py
+        from .workflows_api import a1111_hires
+
+        a1111_hires(body, kwargs, meta_hr, prompt=prompt, negative=negative, sampler=sampler.name,
+                    scheduler_field=get_str(body, "scheduler"), base_model=models.base)
     parsed = ParsedRequest(prompts=[prompt] * n, negatives=[negative] * n, seeds=seeds_for(seed, n),
                            kwargs=kwargs, echo=dict(body))
     meta = {"sampler": sampler.a1111, "schedule": catalog.schedule_label(scheduler),
             "batch_size": batch_size, "refiner": models.refiner if use_refiner else None, "switch": switch}
+    meta.update(meta_hr)
     return parsed, meta
 
 

@@ -178,6 +178,15 @@ def build_app(get_service: Callable[[], ImageService | None], config: ServeConfi
     from . import controlnet_api
 
     controlnet_api.register(app, lambda: getattr(get_service(), "pipe", None), _with_request)
+    from . import workflows_api  # inpainting edits and the hires-fix lists: their own module
+
+    context: AppContext = app.state.ctx
+
+    async def generate(request: Request, parse: Callable[..., Any], *, json_body: bool = True) -> list[Any]:
+        return await context.generate(request, parse, "img2img", json_body=json_body)
+
+    workflows_api.register(app, generate=generate, encode=context.encode, guarded=_with_request,
+                           service=context.service, config=config)
     known: dict[str, frozenset[str]] = {}
 
     def route_paths() -> frozenset[str]:

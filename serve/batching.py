@@ -63,6 +63,9 @@ class SamplingParams:
     eta: float = 0.0
     timesteps: tuple[int, ...] | None = None
     sigmas: tuple[float, ...] | None = None
+    #: further pipeline keywords every image of the call shares, ``((name, value), ...)`` sorted:
+    #: inpainting's ``padding_mask_crop``, the hires fix's ``hires_*``
+    extra: tuple[tuple[str, Any], ...] = ()
     #: the ControlNet set: ``(((name, scale, start, end), ...), guess_mode)`` or () (serve/controlnet_api.py)
     controlnets: tuple[Any, ...] = ()
 
@@ -89,6 +92,7 @@ class ImageJob:
     cancelled: threading.Event = field(default_factory=threading.Event)
     started: float | None = None
     image: Any = None  # img2img: this job's input image (PIL)
+    mask: Any = None  # inpainting: this job's mask (PIL)
     control_images: tuple[Any, ...] = ()  # ControlNet: this job's control map per ControlNet (PIL)
     _claim: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -150,7 +154,10 @@ def _img2img_kwargs(jobs: Sequence[ImageJob]) -> dict[str, Any]:
     p = jobs[0].params
     if not p.img2img:
         return {}
-    return {"image": [j.image for j in jobs], "strength": p.strength, "refiner_only": p.refiner_only}
+    out = {"image": [j.image for j in jobs], "strength": p.strength, "refiner_only": p.refiner_only}
+    if jobs[0].mask is not None:
+        out["mask_image"] = [j.mask for j in jobs]
+    return out
 
 
 def _run_chunk(pipe: Any, jobs: Sequence[ImageJob], progress: Any = None, epoch: int = 0) -> list[JobResult]:
@@ -188,7 +195,7 @@ def _call(pipe: Any, jobs: Sequence[ImageJob], p: SamplingParams, negatives: Any
         original_size=p.original_size, crops_coords_top_left=p.crops_coords_top_left, target_size=p.target_size,
         output_type="pil", loras=dict(p.loras), eta=p.eta, timesteps=None if p.timesteps is None else list(p.timesteps),
         sigmas=None if p.sigmas is None else list(p.sigmas), **_img2img_kwargs(jobs), **_controlnet_kwargs(jobs),
-        **extra,
+        **dict(p.extra), **extra,
     )
 
 

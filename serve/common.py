@@ -48,6 +48,12 @@ class ParsedRequest:
     #: What the server changed and says so (``--size-policy nearest``: the size snapped).
     notes: list[str] = field(default_factory=list)
 
+    #: inpainting: the mask of each output image (PIL, white = repaint), else None.
+    masks: list[Any] | None = None
+    #: applied to each finished image before it is encoded: ``post(index, image) -> image``
+    #: (A1111's paste-back of the original outside the mask), else None.
+    post: Any = None
+
 
 #: Deepest JSON nesting a body may have: every API's body is an object of scalars, lists and
 #: small objects; deeper bodies only exercise parsers (Python's json recursion, FastAPI's encoder).

@@ -56,10 +56,11 @@ class AppContext:
                                 defaults=pipe.defaults.to_dict() if pipe is not None else None)
 
     async def generate(self, request: Request, parse: Callable[[Any, ImageService], ParsedRequest],
-                       job: str = "txt2img") -> list[Any]:
+                       job: str = "txt2img", *, json_body: bool = True) -> list[Any]:
         """Parse (off the event loop: JSON of up to --max-body-mb and image decoding), check and
         cut into jobs (off the loop too: img2img preprocesses), queue, wait. The parsed request is
-        left in ``request.state.parsed`` (its kwargs updated to the values that ran)."""
+        left in ``request.state.parsed`` (its kwargs updated to the values that ran).
+        ``json_body=False``: the route read a non-JSON body itself (multipart edits); ``parse`` gets None."""
         svc = self.ready_service()
         raw = await request.body()
         cap = max(svc.max_pixels, self.config.max_upload_pixels)
@@ -67,7 +68,7 @@ class AppContext:
         def parse_capped() -> ParsedRequest:
             token = MAX_IMAGE_PIXELS.set(cap)  # decode_image refuses larger uploads undecoded
             try:
-                return parse(loads_json(raw), svc)
+                return parse(loads_json(raw) if json_body else None, svc)
             finally:
                 MAX_IMAGE_PIXELS.reset(token)
 
@@ -75,7 +76,8 @@ class AppContext:
         rid = request_id(request)
         jobs = await run_in_threadpool(lambda: svc.make_jobs(parsed.prompts, parsed.negatives, parsed.seeds,
                                                              request_id=rid, images=parsed.images,
-                                                             notes=parsed.notes, **parsed.kwargs))
+                                                             notes=parsed.notes, masks=parsed.masks,
+                                                             **parsed.kwargs))
         p = jobs[0].params
         access = request.scope["state"]["access"]
         access.update(size=f"{p.width}x{p.height}", steps=p.steps, images=len(jobs))

@@ -242,7 +242,8 @@ class ImageService:
 
     def make_jobs(self, prompts: Sequence[str], negatives: Sequence[str] | None, seeds: Sequence[int], *,
                   request_id: str, images: Sequence[Any] | None = None, loras: Any = None,
-                  notes: list[str] | None = None, **kwargs: Any) -> list[ImageJob]:
+                  notes: list[str] | None = None, masks: Sequence[Any] | None = None,
+                  **kwargs: Any) -> list[ImageJob]:
         """Check one request (all of it, before anything is queued) and cut it into jobs.
 
         ``kwargs`` are pipeline arguments (height, width, num_inference_steps, guidance_scale,
@@ -300,6 +301,8 @@ class ImageService:
                 raise InvalidRequestError("the input images differ in size and no output size was given",
                                           "send images of one size, or height and width to resize them to")
             kwargs["image"] = images[0]
+        if masks:  # inpainting: one mask per output image, beside its image
+            kwargs["mask_image"] = masks[0]
         norm = self.pipe.check_call(prompts[0], None if negatives is None else negatives[0], **kwargs)
         params = SamplingParams(
             height=norm["height"], width=norm["width"], steps=norm["steps"],
@@ -313,10 +316,12 @@ class ImageService:
             img2img=bool(norm.get("img2img")), strength=norm.get("strength"),
             refiner_only=bool(norm.get("refiner_only")), loras=lora_key, eta=float(norm.get("eta", 0.0)),
             timesteps=_tuple_or_none(norm.get("timesteps")), sigmas=_tuple_or_none(norm.get("sigmas")),
+            extra=tuple(sorted((k, kwargs[k]) for k in EXTRA_KEYS if kwargs.get(k) is not None)),
             controlnets=controlnet_api.batch_key(control),
         )
         return [ImageJob(prompt=p, negative_prompt=None if negatives is None else negatives[i], seed=int(seeds[i]),
                          params=params, request_id=request_id, index=i, image=images[i] if images else None,
+                         mask=masks[i] if masks else None,
                          control_images=tuple(control["images"]) if control else ())
                 for i, p in enumerate(prompts)]
 
@@ -421,6 +426,10 @@ def _check_switchable(pipe: Any) -> None:
         raise ServeConfigError(f"--lora-dir: the {pipe.backend} runners of {', '.join(fixed)} cannot switch "
                                "weights at run time", "serve with --backend onnxruntime or torch, or rebuild "
                                "the TensorRT engines with --refittable")
+
+
+#: Pipeline keywords that pass through to every call of the request's images (batch key too).
+EXTRA_KEYS = ("padding_mask_crop", "hires_scale", "hires_size", "hires_upscaler", "hires_steps", "hires_strength")
 
 
 def _pair_or_none(value: Any) -> tuple[int, int] | None:

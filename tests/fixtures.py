@@ -82,3 +82,23 @@ def file_states(root: Path) -> dict[str, tuple[int, int]]:
     """relpath -> (size, mtime_ns) of every file below ``root``: proof that nothing was rewritten."""
     return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def tiny_inpaint_model() -> Any:
+    """The ``tiny-inpaint`` preset (tiny with a 9-channel inpainting base UNet), built once."""
+    if "inpaint_model" not in _CACHE:
+        from sdxl_export.models import build_preset
+
+        _CACHE["inpaint_model"] = build_preset("tiny-inpaint")
+    return _CACHE["inpaint_model"]
+
+
+def tiny_inpaint_artifacts(tmp_path_factory: Any) -> Path:
+    """An export of ``tiny-inpaint`` (read-only); the 9-channel UNet is validated like any UNet."""
+    if "inpaint_artifacts" not in _CACHE:
+        from sdxl_export.export import export_model
+
+        out = tmp_path_factory.mktemp("tiny-inpaint-artifacts") / "artifacts"
+        export_model(tiny_inpaint_model(), out)
+        _CACHE["inpaint_artifacts"] = out
+    return _CACHE["inpaint_artifacts"]

@@ -9,8 +9,8 @@ from sdxl_export.engines.planner import plan_profiles
 from sdxl_export.engines.sources import specs_for_plan
 from sdxl_export.engines.store import EngineEntry
 from sdxl_export.errors import InvalidRequestError
-from sdxl_export.runtime.backends.tensorrt import runner as tensorrt_runner
 from sdxl_export.runtime.backends import ComponentContext, backend_available
+from sdxl_export.runtime.backends.tensorrt import runner as tensorrt_runner
 
 
 def _ctx(entry, device="cuda", **options):

@@ -213,9 +213,11 @@ def test_img2img_arguments_without_an_image_are_refused(pipe):
         pipe.check_call("x", image=test_image(64, 64), refiner_only=True, refiner=False)
 
 
-def test_a_mask_is_refused(pipe):
-    with pytest.raises(InvalidImageError, match="inpainting is not supported"):
-        pipe.check_call("x", image=test_image(64, 64), mask_image=test_image(64, 64))
+def test_a_mask_makes_it_inpainting(pipe):
+    """(Inpainting itself is tests/test_inpaint.py.) A mask turns the call into inpainting, at
+    diffusers' inpaint default strength."""
+    got = pipe.check_call("x", image=test_image(64, 64), mask_image=test_image(64, 64))
+    assert got["inpaint"] and got["strength"] == 0.9999
 
 
 def test_unreadable_and_corrupt_image_files_are_named(pipe, tmp_path):
@@ -283,7 +285,7 @@ def test_cli_run_image_writes_the_pipelines_image(pipe, tiny_artifacts, tmp_path
 @pytest.mark.parametrize("args, match", [
     (["--strength", "1.5"], "strength must be in (0, 1], got 1.5"),
     (["--strength", "0.5", "--image", "{tmp}/corrupt.png"], "cannot decode"),
-    (["--image", "{tmp}/in.png", "--mask", "{tmp}/in.png"], "inpainting is not supported"),
+    (["--image", "{tmp}/in.png", "--mask", "{tmp}/corrupt.png"], "mask: cannot decode"),
     (["--strength", "0.5"], "no image was given"),
 ])
 def test_cli_bad_img2img_input_is_one_line_and_exit_2(tiny_artifacts, tmp_path, args, match):

@@ -19,9 +19,9 @@ pytest.importorskip("openvino")
 
 from fixtures import tiny_diffusers_folders
 from sdxl_export.engines.build import BuildOptions, build
-from sdxl_export.openvino_env import native_bf16
 from sdxl_export.engines.store import load_engine_store
 from sdxl_export.errors import CorruptArtifactError, StaleEngineError, UnsupportedShapeError
+from sdxl_export.openvino_env import native_bf16
 from sdxl_export.runtime import SDXLPipeline
 from sdxl_export.runtime.fidelity import fidelity_gate
 from test_parity_diffusers import TINY_CASES, Case, Reference, _compare, _ours

@@ -146,7 +146,7 @@ def test_webuiapi_lists(server):
     assert api.get_options()["sd_model_checkpoint"] == models[0]["title"]
 
 
-@pytest.mark.parametrize("field, value", [("enable_hr", True), ("restore_faces", True), ("tiling", True),
+@pytest.mark.parametrize("field, value", [("restore_faces", True), ("tiling", True),
                                           ("subseed_strength", 0.5), ("styles", ["anime"]),
                                           ("alwayson_scripts", {"ControlNet": {"args": [1]}}),
                                           ("sampler_name", "DPM adaptive"), ("width", 333),
@@ -256,12 +256,16 @@ def test_webuiapi_img2img_equals_the_runtime_and_a_1024_png_fits_the_body_cap(se
         assert_same(pil_array(res.images[i]), pil_array(ref))
 
 
-def test_webuiapi_img2img_refuses_a_mask_and_bad_images(server):
+def test_webuiapi_img2img_refuses_an_empty_mask_and_bad_images(server):
+    """(Inpainting itself: tests/test_serve_workflows.py.)"""
+    from PIL import Image
+
     api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
     img = _busy_image(256, 256)
     with pytest.raises(RuntimeError) as info:
-        api.img2img(images=[img], mask_image=img, prompt="x", steps=STEPS, width=256, height=256)
-    assert info.value.args[0] == 400 and "inpainting is not supported" in json.loads(info.value.args[1])["detail"]
+        api.img2img(images=[img], mask_image=Image.new("L", (256, 256), 0), prompt="x", steps=STEPS, width=256,
+                    height=256)
+    assert info.value.args[0] == 400 and "the mask is empty" in json.loads(info.value.args[1])["detail"]
     for body, field in [({"init_images": ["data:image/png;base64,AAAA"]}, "init_images[0]"),
                         ({"init_images": ["not base64!"]}, "init_images[0]"),
                         ({"init_images": []}, "init_images"),

@@ -18,9 +18,9 @@ from sdxl_export.errors import (
     InvalidRequestError,
     MissingComponentError,
 )
+from sdxl_export.runtime.backends import ComponentContext, backend_available, create_runner
 from sdxl_export.runtime.backends import torch as torch_backend
 from sdxl_export.runtime.backends.base import RunnerClosedError
-from sdxl_export.runtime.backends import ComponentContext, backend_available, create_runner
 from sdxl_export.specs import COMPONENTS, ComponentSpec
 
 #: Non-square, different from the export's validation shape (2 x 192x320) and from native.

@@ -49,6 +49,9 @@ async def _generate(request: Request, parse_body: Callable[..., Any], job: str) 
 
     results = await c.generate(request, parse, job=job)
     parsed: ParsedRequest = request.scope["state"]["parsed"]
+    if parsed.post is not None:  # e.g. A1111's paste-back of the original outside the mask
+        for i, r in enumerate(results):
+            r.image = parsed.post(i, r.image)
     send = parsed.echo.get("send_images", True) is not False
     return a1111_api.txt2img_response(await c.encode(results) if send else [], parsed, meta,
                                       c.models(c.service()), send)
