@@ -47,6 +47,27 @@ def tiny_artifacts_copy(tiny_artifacts, tmp_path) -> Path:
     return dst
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The diffusers reference runs PyTorch on the CPU: one intra-op thread keeps it fast on a loaded
+    2-core machine. Parity modules use it with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_ort_pipe(tiny_artifacts):
+    """An ONNX Runtime CPU pipeline over the tiny export, one per test module."""
+    from sdxl_export.runtime import SDXLPipeline
+
+    with SDXLPipeline.from_artifacts(tiny_artifacts, backend="onnxruntime", device="cpu") as p:
+        yield p
+
+
 @pytest.fixture(autouse=True)
 def _quiet_third_party_logs():
     for name in ("transformers", "diffusers", "torch.onnx"):

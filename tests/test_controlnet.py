@@ -113,12 +113,7 @@ def _ours(pipe: SDXLPipeline, c: Case, **over: Any) -> Any:
     return pipe(c.prompt, **{**kw, **over})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,20 +8,13 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from controlnet_util import control_map, controlnet_artifacts, controlnet_sources
 from fixtures import ort_twin_artifacts
 from sdxl_export.errors import UnsupportedShapeError
 from sdxl_export.runtime import SDXLPipeline
 from test_parity_diffusers import LATENT_TOL, PIXEL_TOL
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -33,12 +33,7 @@ SIZE = {"height": 64, "width": 64}
 LIGHTNING = ModelDefaults.checked(4, 0.0, "euler_trailing")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def distilled_unet(model: Any, seed: int = 7) -> torch.nn.Module:

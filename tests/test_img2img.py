@@ -133,19 +133,12 @@ def _compare(ours: Any, ref_latents: torch.Tensor, ref_images: np.ndarray, name:
     assert pix_err <= PIXEL_TOL, f"pixels differ by {pix_err * 255:.3f}/255"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The reference runs PyTorch on CPU; one thread keeps it fast on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_artifacts):
-    with SDXLPipeline.from_artifacts(tiny_artifacts, backend="onnxruntime", device="cpu") as p:
-        yield p
+def pipe(tiny_ort_pipe):
+    return tiny_ort_pipe
 
 
 @pytest.fixture(scope="module")

@@ -124,18 +124,12 @@ def _ours(pipe: SDXLPipeline, c: Case, **kw: Any) -> Any:
                 output_type="np", **kw)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_artifacts):
-    with SDXLPipeline.from_artifacts(tiny_artifacts, backend="onnxruntime", device="cpu") as p:
-        yield p
+def pipe(tiny_ort_pipe):
+    return tiny_ort_pipe
 
 
 @pytest.fixture(scope="module")

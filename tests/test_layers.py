@@ -96,3 +96,14 @@ def test_the_rule_reader_sees_relative_and_function_level_imports(tmp_path):
     finally:
         planted.unlink()
     assert (2, f"{PKG}.runtime.pipeline") in found
+
+
+def test_every_subpackage_ships_in_the_wheel():
+    """pyproject lists packages by hand (the root is the package): a new folder must be listed, or a
+    wheel install lacks it while the editable install hides the gap."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join([PKG, *p.parent.relative_to(ROOT).parts]) for p in ROOT.rglob("__init__.py")
+             if p.parent.relative_to(ROOT).parts[:1] not in {(".venv",), ("tests",), ("build",)}}
+    assert found - listed == set(), f"packages missing from pyproject: {sorted(found - listed)}"

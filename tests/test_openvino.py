@@ -29,12 +29,7 @@ from test_parity_diffusers import TINY_CASES, Case, Reference, _compare, _ours
 BUCKETS = "256x256,192x320"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _build(tmp_path_factory, tiny_artifacts, precision: str):

@@ -139,14 +139,7 @@ def _compare(ours: Any, ref_latents: torch.Tensor, ref_images: np.ndarray, c: Ca
     assert ours.info["refiner_steps"] > 0 if c.refiner else ours.info["refiner_steps"] == 0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The reference runs PyTorch on CPU: with its OpenMP pool on a loaded 2-core machine it
-    spins (measured 40x slower); one thread keeps the module within its time budget."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- the embedded tiny preset ------------------------------------------------------------------
