@@ -88,6 +88,8 @@ class Info(BaseModel):
     max_images_per_request: int
     max_steps: int
     schedulers: list[str]
+    #: the model's recorded sampling defaults (``build --default-*``), what a request that leaves them out gets
+    defaults: dict[str, Any] | None = None
 
 
 # ---- OpenAI -------------------------------------------------------------------------------------------
@@ -164,6 +166,11 @@ class NativeRequest(BaseModel):
     strength: float | None = Field(None, gt=0, le=1)
     refiner_only: bool | None = None
     loras: dict[str, float] | None = None
+    eta: float | None = Field(None, ge=0, le=1, description="diffusers' eta (DDIM, TCD)")
+    timesteps: list[int] | None = Field(None, description="a custom schedule, e.g. DMD2's [999, 749, 499, 249]")
+    sigmas: list[float] | None = Field(None, description="a custom sigma schedule")
+    controlnets: list[dict[str, Any]] | None = Field(
+        None, description="[{model, image, scale, start, end, guess_mode, module}] (docs/controlnet.md)")
 
 
 class NativeTiming(BaseModel):
