@@ -126,7 +126,9 @@ def test_embedded_batcher_collects_compatible_jobs_oldest_first_and_drains():
 def test_ray_app_builder_takes_serve_config_fields():
     """``serve run sdxl_export.serve:app key=value ...``: strings become a checked ServeConfig."""
     pytest.importorskip("ray.serve")
-    from sdxl_export.serve import app
+    # the builder itself (``serve run`` resolves ``sdxl_export.serve:app`` in a fresh process; here the
+    # submodule serve/app.py may already shadow the package attribute)
+    from sdxl_export.serve.ray_app import app
     from sdxl_export.serve.config import ServeConfigError
 
     built = app({"artifacts": "/models/x", "max_batch_size": "2", "api_auth": "u:p", "warmup": "1024x1024",
