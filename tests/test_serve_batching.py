@@ -128,8 +128,8 @@ def test_ray_app_builder_takes_serve_config_fields():
     pytest.importorskip("ray.serve")
     # the builder itself (``serve run`` resolves ``sdxl_export.serve:app`` in a fresh process; here the
     # submodule serve/app.py may already shadow the package attribute)
-    from sdxl_export.serve.ray_app import app
     from sdxl_export.serve.config import ServeConfigError
+    from sdxl_export.serve.ray_app import app
 
     built = app({"artifacts": "/models/x", "max_batch_size": "2", "api_auth": "u:p", "warmup": "1024x1024",
                  "autoscale": "1:3"})
