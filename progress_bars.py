@@ -42,6 +42,9 @@ class StepBar:
         return {}
 
     def close(self) -> None:
+        # tqdm redraws at most every ``mininterval``: draw the final count before the bar goes,
+        # so a fast run still shows where it ended.
+        self.bar.refresh()
         self.bar.close()
 
 
@@ -63,6 +66,7 @@ def component_bar(desc: str) -> tuple[Callable[[str, int, int], None], Callable[
     def close() -> None:
         if "bar" in state:
             state["bar"].n = state["bar"].total
+            state["bar"].refresh()
             state["bar"].close()
 
     return progress, close
