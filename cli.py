@@ -13,6 +13,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from . import __version__
 from .cli_common import Parser, add_subcommands
@@ -49,7 +50,23 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         mod.register(sub)
+    _wire_layers(sub)
     return parser
+
+
+def _wire_layers(sub: Any) -> None:
+    """The one place a lower layer's command is handed something from a higher layer: ``build
+    --precision int8`` calibrates on the UNets' inputs as the runtime's pipeline feeds them, and
+    ``engines/`` never imports the runtime."""
+    build = sub.choices.get("build")
+    if build is not None:
+        build.set_defaults(calibration_factory=_unet_calibration)
+
+
+def _unet_calibration() -> Any:
+    from .runtime import UNetCalibration
+
+    return UNetCalibration()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,7 +24,7 @@ DEVICE = "CPU"
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8",
              "amx_tile", "amx_fp16")
 #: our precision name -> OpenVINO's INFERENCE_PRECISION_HINT value
-HINTS = {"fp32": "f32", "bf16": "bf16"}
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: quantized ops int8, the rest fp32
 
 
 def ov_status() -> tuple[bool, str]:

@@ -58,7 +58,7 @@ class Variant:
     device: str = "auto"
     #: ``backend_options`` of :meth:`SDXLPipeline.from_artifacts` (ORT: ``{"session_options": {...}}``).
     options: dict[str, Any] = field(default_factory=dict)
-    #: the engines' build precision (``sdxl-export build --precision``): ``fp32``, or ``bf16``/``fp16``,
+    #: the engines' build precision (``sdxl-export build --precision``): ``fp32``, or ``bf16``/``fp16``/``int8``,
     #: built by the bench's prepare step into a separate artifact folder (needs ``--model``).
     precision: str = "fp32"
 
@@ -124,9 +124,9 @@ class BenchConfig:
             raise InvalidRequestError(f"variant names must be unique and not {BASELINE!r}/{BASELINE_BF16!r}: "
                                       f"{names}", "give each variant its own name")
         for v in self.variants:
-            if v.precision not in ("fp32", *REDUCED_PRECISIONS):
+            if v.precision not in ("fp32", *REDUCED_PRECISIONS, "int8"):
                 raise InvalidRequestError(f"variant {v.name}: unknown precision {v.precision!r}",
-                                          f"use one of fp32, {', '.join(REDUCED_PRECISIONS)}")
+                                          f"use one of fp32, {', '.join(REDUCED_PRECISIONS)}, int8")
             if v.precision != "fp32" and self.artifacts is not None:
                 raise InvalidRequestError(
                     f"variant {v.name} asks for {v.precision} engines, which the bench builds only with --model",
@@ -239,11 +239,16 @@ def prepare_artifacts(cfg: BenchConfig) -> tuple[Path, dict[str, Any]]:
             target = precision_folder(out, backend, precision)
             log.info("building %s %s engines over %s, batch %s into %s", backend, precision, buckets,
                      cfg.batch_sizes, target)
+            calibration = None
+            if precision == "int8":
+                from ..runtime import UNetCalibration
+
+                calibration = UNetCalibration()
             report = build(BuildOptions(model=cfg.model, refiner=cfg.refiner_source, with_refiner=cfg.use_refiner,
                                         vae=cfg.vae_source, out=target, backend=backend, buckets=buckets,
                                         batch_sizes=tuple(cfg.batch_sizes), precision=precision,
                                         # --workflows: the hires-fix request's target size too
-                                        hires_scales=(1.5,) if cfg.workflows else ()))
+                                        hires_scales=(1.5,) if cfg.workflows else ()), calibration=calibration)
             timing["built_backends"].append(report.backend if precision == "fp32"
                                             else f"{report.backend} {precision}")
             fresh.append(report.up_to_date)
@@ -543,11 +548,12 @@ def _run_case(cfg: BenchConfig, pipes: dict[str, Any], baselines: dict[str, Any]
 def _fidelity(cfg: BenchConfig, outputs: dict[str, Any]) -> dict[str, Any]:
     """Every side's first-round images against diffusers' fp32 ones (PSNR, max pixel diff in 1/255), and
     the gate of :mod:`sdxl_export.runtime.fidelity` for each reduced-precision variant of ours: its PSNR
-    at least diffusers' bf16 PSNR minus 1 dB, nothing NaN (``gate`` is None without a bf16 baseline)."""
-    from ..runtime.fidelity import fidelity_gate, psnr
+    at least diffusers' bf16 PSNR minus 1 dB (int8: minus 3 dB, its own gate; ``bf16_gate_passed`` says
+    whether it passed the 1 dB one too), nothing NaN (``gate`` is None without a bf16 baseline)."""
+    from ..runtime.fidelity import INT8_MARGIN_DB, MARGIN_DB, fidelity_gate, psnr
 
     ref = np.asarray(outputs[BASELINE].images, dtype=np.float64)
-    reduced = {v.name for v in cfg.variants if v.precision != "fp32"}
+    reduced = {v.name: v.precision for v in cfg.variants if v.precision != "fp32"}
     out: dict[str, Any] = {}
     for name, o in outputs.items():
         if name == BASELINE:
@@ -564,9 +570,13 @@ def _fidelity(cfg: BenchConfig, outputs: dict[str, Any]) -> dict[str, Any]:
         }
         if name in reduced:
             if BASELINE_BF16 in outputs:
-                gate = fidelity_gate(images, np.asarray(outputs[BASELINE_BF16].images, np.float64), ref)
+                yardstick = np.asarray(outputs[BASELINE_BF16].images, np.float64)
+                gate = fidelity_gate(images, yardstick, ref,
+                                     INT8_MARGIN_DB if reduced[name] == "int8" else MARGIN_DB)
                 rec["gate"] = gate.to_dict()
                 rec["gate_passed"] = gate.passed
+                if reduced[name] == "int8":  # what `auto` would need (it never picks int8 today)
+                    rec["bf16_gate_passed"] = fidelity_gate(images, yardstick, ref).passed
             else:
                 rec["gate"], rec["gate_passed"] = None, None
         out[name] = rec

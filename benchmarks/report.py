@@ -98,7 +98,14 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
                            f"{'PASSED' if f['gate_passed'] else 'FAILED'} -- PSNR vs diffusers fp32 "
                            f"{_psnr(gate['psnr_ours'])} dB (max diff {gate['max_pixel_diff_ours']:.1f}/255), "
                            f"{BASELINE_BF16} {_psnr(gate['psnr_diffusers'])} dB (max diff "
-                           f"{gate['max_pixel_diff_diffusers']:.1f}/255), margin {gate['margin_db']} dB")
+                           f"{gate['max_pixel_diff_diffusers']:.1f}/255), margin {gate['margin_db']} dB"
+                           + ("" if "bf16_gate_passed" not in f else
+                              f"; the bf16 gate (1 dB, what `auto` needs): "
+                              f"{'passed' if f['bf16_gate_passed'] else 'not passed'}"))
+            elif f.get("comparable") and side not in (BASELINE_BF16,) and f.get("gate_passed", 0) is None:
+                out.append(f"- fidelity {case['bucket']} b{case['batch']} {side}: PSNR vs diffusers fp32 "
+                           f"{_psnr(f['psnr_db'])} dB, max diff {f['max_pixel_diff_255']:.1f}/255; not gated "
+                           f"(no {BASELINE_BF16} yardstick in this run)")
     if result.get("speedup_vs_diffusers_bf16"):
         overall = result.get("speedup_vs_baseline", {})
         for side, s in result["speedup_vs_diffusers_bf16"].items():
@@ -155,7 +162,7 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
     sides = list(dict.fromkeys(s for c in cases for s in c["results"]))
     labels = [f"{c['bucket']}\nbatch {c['batch']}" for c in cases]
     width = 0.8 / max(1, len(sides))
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(cases) * max(1, len(sides)) / 2 + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(cases) * max(1, len(sides)) / 2 + 2) + 2.2, 4.2))
     for i, side in enumerate(sides):
         xs, p50, err = [], [], []
         for j, c in enumerate(cases):
@@ -165,15 +172,31 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
             xs.append(j + (i - (len(sides) - 1) / 2) * width)
             p50.append(r["end_to_end"]["p50_ms"] / 1e3)
             err.append((r["end_to_end"]["p90_ms"] - r["end_to_end"]["p50_ms"]) / 1e3)
-        ax.bar(xs, p50, width, yerr=[[0] * len(err), err], capsize=3, label=side)
+        bars = ax.bar(xs, p50, width, yerr=[[0] * len(err), err], capsize=3, label=side)
+        speedups = [(c.get("speedup_vs_baseline") or {}).get(side) for c in cases if side in c["results"]]
+        for bar, e, sp in zip(bars, err, speedups):
+            ratio = sp.get("end_to_end_p50") if isinstance(sp, dict) else None
+            if ratio:
+                ax.annotate(f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height() + e),
+                            xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7)
+    # Sides this machine could not run natively are named, not silently absent (bench.runnable_sides).
+    skipped = result.get("skipped") or {}
+    handles, names = ax.get_legend_handles_labels()
+    if skipped:
+        from matplotlib.patches import Patch
+
+        handles += [Patch(facecolor="none", edgecolor="grey", hatch="//") for _ in skipped]
+        names += [f"{side}: skipped" for side in skipped]
+        reasons = sorted({why.split(":")[0] for why in skipped.values()})
+        fig.text(0.01, 0.01, "skipped: " + "; ".join(reasons), fontsize=7, color="dimgrey")
     ax.set_xticks(range(len(cases)), labels)
     ax.set_ylabel("end to end, seconds (p50, whisker p90)")
     c = result["config"]
     ax.set_title(f"SDXL base{'+refiner' if c['use_refiner'] else ''}, {c['steps']} steps: latency per bucket "
                  f"and backend", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(handles, names, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04 if result.get("skipped") else 0, 1, 1))
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,9 +2,10 @@
 
 ``tiny``   smoke test: proves the benchmark runs end to end (the test suite runs it).
 ``small``  the CPU benchmark whose table goes in the README: 512x512, 20 steps,
-           base+refiner (denoising_end 0.8), guidance 5.0, Euler: ONNX Runtime, OpenVINO fp32
-           and OpenVINO bf16 (engines built with ``--precision bf16`` into their own folder)
-           vs diffusers eager fp32 and diffusers eager bf16, with the bf16 fidelity gate.
+           base+refiner (denoising_end 0.8), guidance 5.0, Euler: ONNX Runtime, OpenVINO fp32,
+           OpenVINO bf16 and OpenVINO int8 (engines built with ``--precision bf16|int8``, each
+           into its own folder) vs diffusers eager fp32 and diffusers eager bf16, with the
+           fidelity gates (bf16: 1 dB, int8: 3 dB; see runtime/fidelity.py).
 ``sdxl``   full-size architecture with random weights, GPU only: TensorRT and the torch
            backend vs diffusers on the GPU, over three SDXL buckets.
 
@@ -55,12 +56,13 @@ def _torch_gpu_variants() -> list[Variant]:
 
 
 def _cpu_variants() -> list[Variant]:
-    """ONNX Runtime, and OpenVINO from its fp32 and its bf16 engine builds (two engine sets:
-    ``build --backend openvino`` and ``build --backend openvino --precision bf16``, the VAE fp32)."""
+    """ONNX Runtime, and OpenVINO from its fp32, bf16 and int8 engine builds (three engine sets:
+    ``build --backend openvino`` and ``build --backend openvino --precision bf16|int8``, the VAE fp32)."""
     return [
         Variant("onnxruntime", backend="onnxruntime", device="cpu"),
         Variant("openvino-fp32", backend="openvino", device="cpu"),
         Variant("openvino-bf16", backend="openvino", device="cpu", precision="bf16"),
+        Variant("openvino-int8", backend="openvino", device="cpu", precision="int8"),
     ]
 
 

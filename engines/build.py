@@ -41,7 +41,7 @@ from ..buckets import parse_bucket_list, with_hires_targets
 from ..errors import ArtifactError, BackendUnavailableError, InvalidRequestError
 from ..specs import ComponentSpec, specs_from_dicts
 from ..tensorrt_env import GpuInfo, gpu_info, trt_status, trt_version
-from . import ort_builder, ov_builder
+from . import ort_builder, ov_builder, ov_int8
 from .planner import DEFAULT_MODE, MODES, Plan, plan_profiles
 from .store import (
     BACKEND_ORT,
@@ -59,6 +59,10 @@ from .trt_builder import DEFAULT_OPT_LEVEL, HARDWARE_COMPAT, PRECISIONS, TrtSett
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", BACKEND_TRT, BACKEND_ORT, BACKEND_OV)
+#: ``calibration(artifacts, component, n) -> list of feeds`` (see :func:`build`)
+Calibration = Callable[[Path, str, int], list[dict[str, Any]]]
+#: ``--precision``: TensorRT's precisions, and int8 (CPU only: OpenVINO + NNCF, :mod:`.ov_int8`).
+BUILD_PRECISIONS = (*PRECISIONS, "int8")
 VAE_KINDS = ("vae_decoder", "vae_encoder")
 #: Exported components the runtime never opens get no engine (none now: img2img uses the VAE
 #: encoder, built over the same buckets as the decoder).
@@ -108,6 +112,8 @@ class BuildOptions:
     prediction_type: str | None = None
     #: the model's native size in pixels when its configs do not say it (``--native-size``)
     native_size: int | None = None
+    #: ``--precision int8``: UNet calls recorded for the hybrid recipe's statistics (``--calibration-samples``)
+    calibration_samples: int = ov_int8.DEFAULT_SAMPLES
 
     def sampling_defaults(self) -> Any:
         """The checked :class:`~sdxl_export.sampling_defaults.ModelDefaults` to record."""
@@ -118,13 +124,16 @@ class BuildOptions:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
-        for what, value, allowed in (("precision", self.precision, PRECISIONS),
+        for what, value, allowed in (("precision", self.precision, BUILD_PRECISIONS),
                                      ("VAE precision", self.vae_precision, PRECISIONS),
                                      ("profile mode", self.profiles, MODES), ("backend", self.backend, BACKENDS),
                                      ("hardware compatibility", self.hardware_compatibility, tuple(HARDWARE_COMPAT)),
                                      ("ONNX Runtime optimization", self.ort_optimization, ort_builder.LEVELS)):
             if value not in allowed:
                 raise InvalidRequestError(f"unknown {what} {value!r}", f"use one of: {', '.join(allowed)}")
+        if self.calibration_samples < ov_int8.HOLDOUT_EVERY:
+            raise InvalidRequestError(f"--calibration-samples {self.calibration_samples} is too few",
+                                      f"use at least {ov_int8.HOLDOUT_EVERY} (default {ov_int8.DEFAULT_SAMPLES})")
 
     def to_cli(self, **override: Any) -> str:
         """The ``sdxl-export build`` command line that reproduces these options."""
@@ -147,7 +156,9 @@ class BuildOptions:
                             ("--default-scheduler", o.default_scheduler), ("--prediction-type", o.prediction_type)):
             if value is not None:
                 args += [flag, str(value)]
-        if o.precision != "fp32":
+        if o.precision == "int8":
+            args += ["--precision", "int8"]
+        elif o.precision != "fp32":
             args.append(f"--{o.precision}")
         if o.vae_precision != d.vae_precision:
             args += ["--vae-precision", o.vae_precision]
@@ -161,7 +172,8 @@ class BuildOptions:
                                       d.builder_optimization_level),
                                      ("--hardware-compatibility", o.hardware_compatibility, d.hardware_compatibility),
                                      ("--ort-optimization", o.ort_optimization, d.ort_optimization),
-                                     ("--opset", o.opset, d.opset)):
+                                     ("--opset", o.opset, d.opset),
+                                     ("--calibration-samples", o.calibration_samples, d.calibration_samples)):
             if value != default:
                 args += [flag, str(value)]
         for flag, on in (("--refittable", o.refittable), ("--version-compatible", o.version_compatible),
@@ -232,12 +244,16 @@ class BuildReport:
 
 
 # ---- decisions (pure) --------------------------------------------------------------------------------
-def build_backend(requested: str) -> tuple[str, str]:
+def build_backend(requested: str, precision: str = "fp32") -> tuple[str, str]:
     """(backend to *build* with, one-line note). ``auto`` falls back to the ONNX Runtime twin, saying why.
 
     Which backend *runs* is decided by :func:`sdxl_export.runtime.backends.resolve_backend`
     from what was built; both ask :mod:`sdxl_export.tensorrt_env` whether TensorRT is usable.
     """
+    if precision == "int8" and requested in (BACKEND_TRT, BACKEND_ORT):
+        raise InvalidRequestError(
+            f"--precision int8 runs on OpenVINO (CPU), not on {requested}",
+            "use --backend openvino (or auto on a CPU machine); on a GPU use --fp16")
     if requested == BACKEND_ORT:
         return BACKEND_ORT, "ONNX Runtime twin requested (--backend onnxruntime)"
     if requested == BACKEND_OV:
@@ -254,6 +270,9 @@ def build_backend(requested: str) -> tuple[str, str]:
                 "install TensorRT on a machine with an NVIDIA GPU, or use --backend auto / onnxruntime",
             )
         return BACKEND_TRT, "TensorRT"
+    if ok and precision == "int8":
+        raise InvalidRequestError("--precision int8 is a CPU precision (OpenVINO + NNCF); this machine builds "
+                                  "TensorRT engines", "use --fp16 on the GPU, or --backend openvino for CPU engines")
     if ok:
         return BACKEND_TRT, "TensorRT (auto)"
     ok_ort, why_ort = ort_builder.ort_status()
@@ -300,12 +319,22 @@ def wanted_engines(
                                           "builder": key_builder, "profiles": [p.to_dict() for p in w.profiles]})
             w.builder = {**recorded, "timing_cache": str(opts.timing_cache) if opts.timing_cache else None}
         elif backend == BACKEND_OV:
-            # --fp16/--bf16 on the CPU: its native reduced precision (bf16) where it has one.
-            w.precision = "bf16" if requested != "fp32" and target.get("bf16") else "fp32"
+            key_builder = {"ir": "convert_model+save_model(compress_to_fp16=False)"}
+            if requested == "int8":
+                # int8: the UNets hybrid, the text encoders int8 weights (ov_int8); the rest stays fp32.
+                recipe = ov_int8.recipe_for(spec.kind)
+                w.precision = "int8" if recipe else "fp32"
+                if recipe:
+                    key_builder.update(int8=recipe, nncf=ov_int8.nncf_version())
+                    if recipe == "hybrid":
+                        key_builder["calibration_samples"] = opts.calibration_samples
+            else:
+                # --fp16/--bf16 on the CPU: its native reduced precision (bf16) where it has one.
+                w.precision = "bf16" if requested != "fp32" and target.get("bf16") else "fp32"
             w.session_options = ov_builder.compile_config(w.precision, None)
             # The precision is in the key although the IR bytes do not depend on it: a precision change
             # must re-run the build's check (fp32 parity, bf16 tolerance) and refill the compile cache.
-            key_builder = {"ir": "convert_model+save_model(compress_to_fp16=False)", "precision": w.precision}
+            key_builder["precision"] = w.precision
             w.artifact_key = sha256_json({"backend": backend, "onnx": w.onnx_sha256, "target": target,
                                           "builder": key_builder})
             w.builder = {**key_builder, "refittable": opts.refittable}
@@ -380,19 +409,27 @@ def make_plan(opts: BuildOptions, export_manifest: Mapping[str, Any]) -> Plan:
                          guidance=recorded is None or float(recorded) > 1.0)
 
 
-def build(opts: BuildOptions, progress: Callable[[str, int, int], None] | None = None) -> BuildReport:
+def build(opts: BuildOptions, progress: Callable[[str, int, int], None] | None = None,
+          calibration: Calibration | None = None) -> BuildReport:
     """Export if needed, then build (or keep) an engine for every component (``progress(name, i,
-    total)`` before each: the command's progress bar)."""
+    total)`` before each: the command's progress bar).
+
+    ``calibration(artifacts, component, n) -> [feeds]``: the UNets' own inputs for ``--precision int8``
+    (:class:`sdxl_export.runtime.UNetCalibration`; the engines layer never runs the sampling loop).
+    """
     from ..export import export_model
 
     t_all = time.perf_counter()
-    backend, note = build_backend(opts.backend)
+    backend, note = build_backend(opts.backend, opts.precision)
     log.info("backend: %s", note)
     if backend == BACKEND_ORT and opts.precision != "fp32":
         log.info("precision: %s requested, the ONNX Runtime CPU twin runs fp32 (few fp16 CPU kernels; keeps "
                  "parity with the export); recorded as precision_requested=%s, precision=fp32",
                  opts.precision, opts.precision)
-    if backend == BACKEND_OV and opts.precision != "fp32":
+    if backend == BACKEND_OV and opts.precision == "int8":
+        log.info("precision: int8 -> UNets hybrid int8 (NNCF, %d calibration UNet calls), text encoders int8 "
+                 "weights; the VAE stays %s", opts.calibration_samples, opts.vae_precision)
+    elif backend == BACKEND_OV and opts.precision != "fp32":
         has, why = ov_builder.native_bf16()
         if has:
             log.info("precision: %s requested -> bf16 on this CPU (%s); the VAE stays %s", opts.precision, why,
@@ -421,11 +458,15 @@ def build(opts: BuildOptions, progress: Callable[[str, int, int], None] | None =
     engines_dir.mkdir(parents=True, exist_ok=True)
     with folder_lock(engines_dir, "build", "wait for it to finish, or pass another --out"):
         report = _build_engines(opts, root, engines_dir, backend, note, target, plan, export_manifest,
-                                wanted, t_all, progress)
+                                wanted, t_all, progress, calibration)
     if cpu_reduced_precision_companion(opts, backend):
-        log.info("precision: %s on a CPU with native bf16: also building the OpenVINO bf16 engines "
-                 "(`auto` runs them; --backend onnxruntime keeps the exact fp32 twin)", opts.precision)
-        report.companion = build(replace(opts, backend=BACKEND_OV))
+        if opts.precision == "int8":
+            log.info("precision: int8: also building the OpenVINO int8 engines (opt-in: `--backend openvino` "
+                     "runs them; `auto` keeps the exact fp32 twin)")
+        else:
+            log.info("precision: %s on a CPU with native bf16: also building the OpenVINO bf16 engines "
+                     "(`auto` runs them; --backend onnxruntime keeps the exact fp32 twin)", opts.precision)
+        report.companion = build(replace(opts, backend=BACKEND_OV), calibration=calibration)
     return report
 
 
@@ -439,6 +480,11 @@ def cpu_reduced_precision_companion(opts: BuildOptions, backend: str) -> bool:
     if opts.backend != "auto" or backend != BACKEND_ORT or opts.precision == "fp32":
         return False
     ok, why = ov_builder.ov_status()
+    if opts.precision == "int8":
+        if not ok:
+            raise BackendUnavailableError(f"--precision int8 needs OpenVINO, which is not available ({why})",
+                                          'pip install "sdxl-export[openvino]"')
+        return True
     if not ok:
         log.info("precision: %s requested; OpenVINO is not available (%s): the fp32 twin only",
                  opts.precision, why)
@@ -451,7 +497,8 @@ def cpu_reduced_precision_companion(opts: BuildOptions, backend: str) -> bool:
 
 def _build_engines(opts: BuildOptions, root: Path, engines_dir: Path, backend: str, note: str, target: Any,
                    plan: Any, export_manifest: dict[str, Any], wanted: Any, t_all: float,
-                   progress: Callable[[str, int, int], None] | None = None) -> BuildReport:
+                   progress: Callable[[str, int, int], None] | None = None,
+                   calibration: Calibration | None = None) -> BuildReport:
     """The engine phase of :func:`build`, under the engines folder's lock."""
     clean_stale_tmp(engines_dir)
     previous = _load_previous(root)
@@ -519,7 +566,7 @@ def _build_engines(opts: BuildOptions, root: Path, engines_dir: Path, backend: s
             results.append(ComponentResult(name, "updated", why))
         else:
             log.info("[%d/%d] %s: building %s engine (%s) ...", i, total, name, w.backend, why)
-            entry = _build_one(root, w, opts)
+            entry = _build_one(root, w, opts, calibration)
             table[name] = entry.to_dict(root)
             log.info("[%d/%d] %s: built in %.1fs", i, total, name, entry.build_seconds)
             results.append(ComponentResult(name, "built", why, entry.build_seconds))
@@ -550,7 +597,7 @@ def _apply_record(entry: EngineEntry, w: Wanted) -> None:
     entry.session_options, entry.builder = dict(w.session_options), dict(w.builder)
 
 
-def _build_one(root: Path, w: Wanted, opts: BuildOptions) -> EngineEntry:
+def _build_one(root: Path, w: Wanted, opts: BuildOptions, calibration: Calibration | None = None) -> EngineEntry:
     rel_dir = Path(ENGINE_DIR) / (f"{OV_DIR}/{w.component}" if w.backend == BACKEND_OV else w.component)
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
@@ -563,6 +610,8 @@ def _build_one(root: Path, w: Wanted, opts: BuildOptions) -> EngineEntry:
             extra = build_engine(w.onnx_path, tmp / PLAN_FILE, w.trt_settings, w.profiles, spec=w.spec,
                                  timing_cache=opts.timing_cache, name=w.component, check_accuracy=opts.validate)
             written = [tmp / PLAN_FILE]
+        elif w.backend == BACKEND_OV and w.precision == "int8":
+            written, extra = _build_int8(root, w, opts, tmp, calibration)
         elif w.backend == BACKEND_OV:
             written = ov_builder.build_ir(w.onnx_path, tmp)
             # Compile once now: checks the IR and fills the cache the runtime loads from.
@@ -592,6 +641,41 @@ def _build_one(root: Path, w: Wanted, opts: BuildOptions) -> EngineEntry:
         log.info("%s: %s engine matches the export (max abs error %.1e)", w.component, w.backend,
                  max(extra["parity"]["max_abs_error"].values(), default=0.0))
     return entry
+
+
+def _build_int8(root: Path, w: Wanted, opts: BuildOptions, tmp: Path,
+                calibration: Calibration | None) -> tuple[list[Path], dict[str, Any]]:
+    """An int8 OpenVINO engine in ``tmp`` (:mod:`.ov_int8`): fp32 IR, then NNCF, then the build's check."""
+    recipe = ov_int8.recipe_for(w.spec.kind)
+    fp32_dir = tmp / "fp32"
+    fp32_dir.mkdir()
+    ov_builder.build_ir(w.onnx_path, fp32_dir)
+    samples = None
+    if recipe == "hybrid":
+        if calibration is None:
+            raise ov_int8.Int8CalibrationError(
+                f"{w.component}: --precision int8 needs the UNet's calibration inputs and none were given",
+                "build through `sdxl-export build --precision int8`, or pass "
+                "calibration=sdxl_export.runtime.UNetCalibration() to build()")
+        samples = calibration(root, w.component, opts.calibration_samples)
+        if len(samples) < ov_int8.HOLDOUT_EVERY:
+            raise ov_int8.Int8CalibrationError(
+                f"{w.component}: only {len(samples)} calibration UNet calls were recorded",
+                f"raise --calibration-samples (at least {ov_int8.HOLDOUT_EVERY} calls of this UNet are needed)")
+    xml = tmp / ov_builder.IR_FILE
+    extra: dict[str, Any] = {"int8": ov_int8.quantize_ir(fp32_dir / ov_builder.IR_FILE, xml, recipe, samples)}
+    cfg = ov_builder.compile_config(w.precision, root / ENGINE_DIR / OV_DIR / ov_builder.CACHE_DIR)
+    if opts.validate and samples is not None:
+        extra["int8_check"] = ov_int8.check_int8(fp32_dir / ov_builder.IR_FILE, xml, samples,
+                                                 w.spec.output_names[0], cfg, w.component)
+        log.info("%s: int8 noise prediction within %.1f%% relative RMS of fp32 on %d held-out calls", w.component,
+                 100 * extra["int8_check"]["rel_rms_error_max"], extra["int8_check"]["held_out_samples"])
+    elif opts.validate:
+        extra["parity"] = ov_builder.check_parity(w.onnx_path, xml, w.spec, _check_shape(w), w.precision, cfg)
+    else:
+        ov_builder.compile_ir(xml, cfg)
+    shutil.rmtree(fp32_dir)
+    return [xml, tmp / ov_builder.IR_WEIGHTS], extra
 
 
 def _check_shape(w: Wanted) -> tuple[int, int, int]:

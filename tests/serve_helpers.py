@@ -118,6 +118,16 @@ def pil_array(image: Any) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
+def assert_same_pixels(a: Any, b: Any) -> None:
+    """Two images (uint8-range arrays or PIL images) within one 8-bit level per pixel: the runtime's
+    contract with the server's bytes (PNG round trip included)."""
+    a = pil_array(a) if hasattr(a, "convert") else np.asarray(a, dtype=np.int16)
+    b = pil_array(b) if hasattr(b, "convert") else np.asarray(b, dtype=np.int16)
+    assert a.shape == b.shape, f"image shapes {a.shape} vs {b.shape}"
+    diff = int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+    assert diff <= 1, f"max pixel difference {diff}/255"
+
+
 def metric_value(text: str, name: str, **labels: str) -> float:
     """The value of one Prometheus sample in a /metrics body (0 when absent)."""
     total = 0.0

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from fixtures import run_cli
+
+# A whole benchmark harness run (its figures are the docs', not a test's): second tier.
+pytestmark = pytest.mark.slow
 
 
 def test_fewstep_bench_records_both_settings_and_parity(tiny_artifacts, tmp_path):

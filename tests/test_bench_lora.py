@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from fixtures import run_cli
 from lora_files import diffusers_lora
+
+# A whole benchmark harness run (its figures are the docs', not a test's): second tier.
+pytestmark = pytest.mark.slow
 
 
 def test_bench_lora_reports_switch_and_step_cost(tiny_artifacts, tiny_model, tmp_path):

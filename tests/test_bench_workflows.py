@@ -3,8 +3,12 @@ composition, in one tiny run (figures are for benchmarks, not asserted; parity i
 
 from __future__ import annotations
 
+import pytest
 from sdxl_export.benchmarks.bench import BenchConfig, Variant, run_bench
 from sdxl_export.benchmarks.workflow_bench import markdown
+
+# A whole benchmark harness run (its figures are the docs', not a test's): second tier.
+pytestmark = pytest.mark.slow
 
 
 def test_bench_reports_inpainting_and_hires_with_parity(tiny_artifacts):

@@ -61,6 +61,7 @@ def test_twin_engines_serve_controlnet_like_diffusers(twin_with_controlnet, tiny
         assert pipe.serves(1, 192, 320)
 
 
+@pytest.mark.slow
 def test_torch_backend_equals_onnxruntime_with_two_controlnets(cn_artifacts):
     kw = dict(control_image=[control_map(128, 128, 1), control_map(128, 128, 2)], controlnet=["cn-a", "cn-b"],  # noqa: C408 - keyword arguments of a call
               controlnet_conditioning_scale=[0.8, 0.5], control_guidance_end=[1.0, 0.6], guess_mode=True,

@@ -276,6 +276,7 @@ def test_distillation_lora_layouts_match_diffusers(name, tmp_path, tiny_model, b
 
 
 # ---- the server: recorded defaults on every API, the samplers on A1111's lists ------------------
+@pytest.mark.slow  # its own server process over a Lightning build (~35 s)
 def test_server_uses_recorded_defaults_and_lists_samplers(lightning, tmp_path):
     from serve_helpers import ServerProcess, png_array, request
 

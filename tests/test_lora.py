@@ -61,7 +61,8 @@ def reference(tiny_model, files):
     return run
 
 
-@pytest.fixture(scope="module", params=["onnxruntime", "torch"])
+# the torch backend's LoRA path is the same switch code; its run is second-tier (slow)
+@pytest.fixture(scope="module", params=["onnxruntime", pytest.param("torch", marks=pytest.mark.slow)])
 def pipe(request, tiny_artifacts):
     p = SDXLPipeline.from_artifacts(tiny_artifacts, request.param, device="cpu", load_refiner=False)
     yield p
@@ -119,6 +120,7 @@ def test_bad_lora_is_named_and_changes_nothing(pipe, files, reference, tmp_path,
     assert np.abs(_image(pipe) - reference({"A": 0.7})).max() <= TOL
 
 
+@pytest.mark.slow  # a second export with the LoRA fused (~1 min)
 def test_fused_at_export_equals_switched(tmp_path, tiny_model, files, reference):
     """export --lora fuses before export (== diffusers' fuse_lora); a changed scale re-exports
     only the components that LoRA touches (B: unet + text_encoder_2)."""

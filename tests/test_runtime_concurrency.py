@@ -29,7 +29,7 @@ def _run(pipe: SDXLPipeline, req: dict) -> torch.Tensor:
     return pipe(prompt, num_inference_steps=4, output_type="latent", **kw).latents
 
 
-@pytest.mark.parametrize("threads", [4, 6])
+@pytest.mark.parametrize("threads", [4, pytest.param(6, marks=pytest.mark.slow)])
 def test_concurrent_calls_equal_sequential_calls(tiny_artifacts, threads):
     with SDXLPipeline.from_artifacts(tiny_artifacts, backend="onnxruntime", device="cpu") as pipe:
         with ThreadPoolExecutor(max_workers=threads) as pool:

@@ -16,6 +16,10 @@ from serve_helpers import serve_artifacts
 pytest.importorskip("fastapi")
 
 
+# A whole benchmark harness run (its figures are the docs', not a test's): second tier.
+pytestmark = pytest.mark.slow
+
+
 def test_serve_bench_records_both_sides(tmp_path_factory, tiny_artifacts, tmp_path):
     artifacts = serve_artifacts(tmp_path_factory, tiny_artifacts)
     out = tmp_path / "serve.json"

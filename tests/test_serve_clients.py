@@ -11,7 +11,14 @@ import json
 
 import numpy as np
 import pytest
-from serve_helpers import ServerProcess, metric_value, pil_array, png_array, request, serve_artifacts
+from serve_helpers import (
+    assert_same_pixels,
+    metric_value,
+    pil_array,
+    png_array,
+    request,
+    serve_artifacts,
+)
 
 openai = pytest.importorskip("openai")
 webuiapi = pytest.importorskip("webuiapi")
@@ -22,28 +29,6 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, tiny_artifacts):
     return serve_artifacts(tmp_path_factory, tiny_artifacts)
-
-
-@pytest.fixture(scope="module")
-def server(artifacts, tmp_path_factory):
-    srv = ServerProcess(artifacts, "--batch-wait-ms", "30", "--model-name", "sdxl-tiny",
-                        log_path=tmp_path_factory.mktemp("logs") / "server.log")
-    yield srv
-    assert srv.stop() == 0, srv.log()
-
-
-@pytest.fixture(scope="module")
-def pipe(artifacts):
-    from sdxl_export.runtime import SDXLPipeline
-
-    with SDXLPipeline.from_artifacts(artifacts, backend="onnxruntime", device="cpu") as p:
-        yield p
-
-
-def assert_same(a: np.ndarray, b: np.ndarray) -> None:
-    assert a.shape == b.shape
-    diff = int(np.abs(a - b).max())
-    assert diff <= 1, f"max pixel difference {diff}/255"
 
 
 # ---- OpenAI -------------------------------------------------------------------------------------------
@@ -58,7 +43,7 @@ def test_openai_models_and_generation_equal_the_runtime(server, pipe):
     for i, item in enumerate(res.data):
         ref = pipe("a red fox", "blurry", height=192, width=320, num_inference_steps=STEPS, seed=11 + i,
                    scheduler="euler_a", guidance_scale=6.0).images[0]
-        assert_same(png_array(item.b64_json), pil_array(ref))
+        assert_same_pixels(png_array(item.b64_json), pil_array(ref))
     assert not np.array_equal(png_array(res.data[0].b64_json), png_array(res.data[1].b64_json))
 
 
@@ -68,7 +53,7 @@ def test_openai_defaults_are_the_runtime_defaults(server, pipe):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
     res = client.images.generate(prompt="a lighthouse", extra_body={"seed": 5})
     ref = pipe("a lighthouse", seed=5).images[0]
-    assert_same(png_array(res.data[0].b64_json), pil_array(ref))
+    assert_same_pixels(png_array(res.data[0].b64_json), pil_array(ref))
 
 
 @pytest.mark.parametrize("kwargs, param, status", [
@@ -110,7 +95,7 @@ def test_webuiapi_txt2img_batch_and_seeds(server, pipe):
     for i in (0, 3):
         ref = pipe("a castle", "fog", height=256, width=256, num_inference_steps=STEPS, guidance_scale=7.0,
                    scheduler="euler", refiner=False, seed=21 + i).images[0]
-        assert_same(pil_array(res.images[i]), pil_array(ref))
+        assert_same_pixels(pil_array(res.images[i]), pil_array(ref))
 
 
 def test_webuiapi_random_seed_is_reported_and_reproducible(server, pipe):
@@ -121,7 +106,7 @@ def test_webuiapi_random_seed_is_reported_and_reproducible(server, pipe):
     assert isinstance(seed, int) and seed >= 0 and "Schedule type: Karras" in res.info["infotexts"][0]
     ref = pipe("a boat", "", height=256, width=256, num_inference_steps=STEPS, guidance_scale=7.0,
                scheduler="dpmpp_2m_karras", refiner=False, seed=seed).images[0]
-    assert_same(pil_array(res.images[0]), pil_array(ref))
+    assert_same_pixels(pil_array(res.images[0]), pil_array(ref))
 
 
 def test_webuiapi_refiner_runs_only_when_named(server, pipe):
@@ -133,7 +118,7 @@ def test_webuiapi_refiner_runs_only_when_named(server, pipe):
     res = api.custom_post("txt2img", payload=payload, baseurl=True)
     ref = pipe("a tower", "", height=192, width=320, num_inference_steps=STEPS, guidance_scale=5.0,
                scheduler="euler_a", refiner=True, denoising_end=0.7, seed=8).images[0]
-    assert_same(pil_array(res.images[0]), pil_array(ref))
+    assert_same_pixels(pil_array(res.images[0]), pil_array(ref))
     assert res.info["extra_generation_params"]["Refiner switch at"] == 0.7
 
 
@@ -190,7 +175,7 @@ def test_native_generate_returns_seeds_and_timings(server, pipe):
     assert all(t["stages_ms"]["unet"] > 0 and t["batch_size"] >= 1 for t in out["timings"])
     ref = pipe("a dog", height=192, width=320, num_inference_steps=STEPS, refiner=False, scheduler="ddim",
                seed=41).images[0]
-    assert_same(png_array(out["images"][1]), pil_array(ref))
+    assert_same_pixels(png_array(out["images"][1]), pil_array(ref))
 
 
 def test_bad_bodies(server):
@@ -253,7 +238,7 @@ def test_webuiapi_img2img_equals_the_runtime_and_a_1024_png_fits_the_body_cap(se
     for i in (0, 1):
         ref = pipe("a painting", "", image=init, height=256, width=256, strength=0.6, num_inference_steps=STEPS,
                    guidance_scale=7.0, scheduler="euler", refiner=False, seed=31 + i).images[0]
-        assert_same(pil_array(res.images[i]), pil_array(ref))
+        assert_same_pixels(pil_array(res.images[i]), pil_array(ref))
 
 
 def test_webuiapi_img2img_refuses_an_empty_mask_and_bad_images(server):
@@ -292,7 +277,7 @@ def test_native_generate_with_an_image(server, pipe):
     out = json.loads(raw)
     ref = pipe("a harbour", image=img, strength=0.5, refiner_only=True, num_inference_steps=STEPS,
                seed=12).images[0]
-    assert_same(png_array(out["images"][0]), pil_array(ref))
+    assert_same_pixels(png_array(out["images"][0]), pil_array(ref))
     # The image's own size is served or refused, naming the sizes that are.
     status, _, raw = request(server.url + "/v1/generate", {"prompt": "x", "image": webuiapi.raw_b64_img(
         _busy_image(320, 320)), "strength": 0.5, "num_inference_steps": 2})

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 from controlnet_util import control_map, controlnet_artifacts
-from serve_helpers import ServerProcess, pil_array, request
+from serve_helpers import assert_same_pixels, request
 
 webuiapi = pytest.importorskip("webuiapi")
 STEPS = 3
@@ -20,27 +20,6 @@ STEPS = 3
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, tiny_artifacts, tiny_model):
     return controlnet_artifacts(tmp_path_factory, tiny_artifacts, tiny_model)
-
-
-@pytest.fixture(scope="module")
-def server(artifacts, tmp_path_factory):
-    srv = ServerProcess(artifacts, "--batch-wait-ms", "30", "--model-name", "sdxl-tiny",
-                        log_path=tmp_path_factory.mktemp("logs") / "server.log")
-    yield srv
-    assert srv.stop() == 0, srv.log()
-
-
-@pytest.fixture(scope="module")
-def pipe(artifacts):
-    from sdxl_export.runtime import SDXLPipeline
-
-    with SDXLPipeline.from_artifacts(artifacts, backend="onnxruntime", device="cpu") as p:
-        yield p
-
-
-def _same(a, b) -> None:
-    diff = int(np.abs(pil_array(a).astype(int) - pil_array(b).astype(int)).max())
-    assert diff <= 1, f"max pixel difference {diff}/255"
 
 
 def test_webuiapi_sees_controlnet_and_lists(server):
@@ -72,13 +51,13 @@ def test_webuiapi_units_equal_the_python_api(server, pipe):
                scheduler="euler", refiner=False, seed=5, control_image=[m1, m2], controlnet=["cn-a", "cn-b"],
                controlnet_conditioning_scale=[0.7, 1.2], control_guidance_start=[0.0, 0.3],
                control_guidance_end=[0.7, 1.0]).images[0]
-    _same(res.image, ref)
+    assert_same_pixels(res.image, ref)
     # no unit (webuiapi then sends {"args": []}) is the plain image
     plain = api.txt2img(prompt="a lighthouse", seed=5, steps=STEPS, cfg_scale=6.0, width=256, height=256,
                         sampler_name="Euler")
     ref_plain = pipe("a lighthouse", "", height=256, width=256, num_inference_steps=STEPS, guidance_scale=6.0,
                      scheduler="euler", refiner=False, seed=5).images[0]
-    _same(plain.image, ref_plain)
+    assert_same_pixels(plain.image, ref_plain)
 
 
 def test_native_controlnets_equal_the_python_api(server, pipe):
@@ -98,7 +77,7 @@ def test_native_controlnets_equal_the_python_api(server, pipe):
     ref = pipe("a bridge", height=192, width=320, num_inference_steps=STEPS, refiner=False, seed=8, control_image=m,
                controlnet="cn-b", controlnet_conditioning_scale=0.9, control_guidance_end=0.8,
                guess_mode=True).images[0]
-    _same(got, ref)
+    assert_same_pixels(got, ref)
 
 
 @pytest.mark.parametrize("unit,param", [

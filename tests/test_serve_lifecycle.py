@@ -76,6 +76,7 @@ def test_sigterm_finishes_every_accepted_request_and_exits_0(artifacts, tmp_path
         request(srv.url + "/healthz", timeout=5)
 
 
+@pytest.mark.slow  # a server of its own, held before loading (~20 s)
 def test_not_ready_until_loaded(artifacts, tmp_path):
     """/healthz answers at once, /readyz and generation say 503 + Retry-After until warmed up."""
     srv = ServerProcess(artifacts, "--warmup", "256x256,320x192", log_path=tmp_path / "s.log", wait_ready=False)

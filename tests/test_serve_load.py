@@ -46,6 +46,7 @@ REQUESTS = [
 ]
 
 
+@pytest.mark.slow  # batching == one by one is also test_serve_batching's (in process, fast)
 def test_eight_concurrent_requests_equal_the_same_requests_one_by_one(artifacts, tmp_path):
     srv = ServerProcess(artifacts, "--batch-wait-ms", "150", log_path=tmp_path / "server.log")
     try:

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
-from serve_helpers import ServerProcess, pil_array, png_array, request
+from serve_helpers import assert_same_pixels, pil_array, png_array, request
 from test_img2img import test_image
 
 openai = pytest.importorskip("openai")
@@ -38,28 +38,6 @@ def artifacts(tmp_path_factory, tiny_artifacts):
     build(BuildOptions(out=out, backend="onnxruntime", buckets="256x256", hires_scales=(1.5,), batch_sizes=(1, 2),
                        profiles="static", validate=False))
     return out
-
-
-@pytest.fixture(scope="module")
-def server(artifacts, tmp_path_factory):
-    srv = ServerProcess(artifacts, "--batch-wait-ms", "30", "--model-name", "sdxl-tiny",
-                        log_path=tmp_path_factory.mktemp("logs") / "server.log")
-    yield srv
-    assert srv.stop() == 0, srv.log()
-
-
-@pytest.fixture(scope="module")
-def pipe(artifacts):
-    from sdxl_export.runtime import SDXLPipeline
-
-    with SDXLPipeline.from_artifacts(artifacts, backend="onnxruntime", device="cpu") as p:
-        yield p
-
-
-def assert_same(a: np.ndarray, b: np.ndarray) -> None:
-    assert a.shape == b.shape
-    diff = int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
-    assert diff <= 1, f"max pixel difference {diff}/255"
 
 
 def _mask(h: int, w: int) -> Image.Image:
@@ -114,7 +92,7 @@ def test_webuiapi_inpaint_whole_picture_original_fill(server, pipe):
                    seed=21 + i).images[0]
         over = np.clip(np.asarray(mask.resize((256, 256), Image.LANCZOS), dtype=np.float32) * 2, 0, 255)
         ref = paste_back(Image.fromarray(over.astype(np.uint8)), init.resize((256, 256), Image.LANCZOS), out)
-        assert_same(pil_array(res.images[i]), pil_array(ref))
+        assert_same_pixels(pil_array(res.images[i]), pil_array(ref))
 
 
 def test_webuiapi_inpaint_with_its_defaults(server, pipe):
@@ -133,7 +111,7 @@ def test_webuiapi_inpaint_with_its_defaults(server, pipe):
     # web UI pastes its original there: docs/inpainting-and-hires.md, "what differs").
     got = res.images[0]
     assert got.size == init.size
-    assert_same(pil_array(got), pil_array(out))
+    assert_same_pixels(pil_array(got), pil_array(out))
     outside = np.asarray(blurred) == 0
     assert np.array_equal(pil_array(got)[outside], pil_array(init)[outside])
 
@@ -166,7 +144,7 @@ def test_webuiapi_hires_fix_equals_the_runtime(server, pipe):
                scheduler="euler", refiner=False, seed=8, hires_scale=1.5, hires_upscaler="latent-bicubic",
                hires_steps=n, hires_strength=0.6)
     assert ref.info["base_steps"] == 3
-    assert_same(pil_array(res.images[0]), pil_array(ref.images[0]))
+    assert_same_pixels(pil_array(res.images[0]), pil_array(ref.images[0]))
 
 
 def test_webuiapi_upscaler_lists_and_hires_refusals(server):
@@ -208,7 +186,7 @@ def test_openai_edit_with_a_mask_equals_the_runtime(server, pipe):
     for i, item in enumerate(res.data):
         ref = pipe("a blue bird", "blurry", image=init, mask_image=area, height=256, width=256, strength=0.85,
                    num_inference_steps=STEPS, guidance_scale=6.0, seed=40 + i).images[0]
-        assert_same(png_array(item.b64_json), pil_array(ref))
+        assert_same_pixels(png_array(item.b64_json), pil_array(ref))
 
 
 def test_openai_edit_without_a_mask_redraws_the_transparent_pixels(server, pipe):
@@ -219,7 +197,7 @@ def test_openai_edit_without_a_mask_redraws_the_transparent_pixels(server, pipe)
     res = client.images.edit(image=("in.png", _png(init), "image/png"), prompt="a hat",
                              extra_body={"seed": 2, "steps": STEPS})
     ref = pipe("a hat", image=init.convert("RGB"), mask_image=area, num_inference_steps=STEPS, seed=2).images[0]
-    assert_same(png_array(res.data[0].b64_json), pil_array(ref))
+    assert_same_pixels(png_array(res.data[0].b64_json), pil_array(ref))
 
 
 def test_openai_edit_bad_input_names_the_field_and_the_server_keeps_serving(server):

@@ -83,7 +83,8 @@ def resolve_backend(name: str, store: Any | None = None) -> str:
     ``store`` is the artifact folder's :class:`~sdxl_export.engines.store.EngineStore` (None
     without ``engines/``). ``auto``: TensorRT when the store holds TensorRT engines and
     TensorRT is usable here (else a warning saying why not), then OpenVINO when it holds
-    OpenVINO engines on a machine without a CUDA GPU, otherwise ONNX Runtime.
+    OpenVINO engines (none of them int8: those are opt-in) on a machine without a CUDA GPU,
+    otherwise ONNX Runtime.
     """
     if name == "auto":
         entries = getattr(store, "entries", None) or {}
@@ -93,7 +94,13 @@ def resolve_backend(name: str, store: Any | None = None) -> str:
                 log.info("backend auto -> tensorrt (TensorRT engines built and TensorRT usable)")
                 return "tensorrt"
             log.warning("TensorRT engines are built but not usable here (%s): using onnxruntime", why)
-        if getattr(store, "openvino_entries", None):
+        ov_entries = getattr(store, "openvino_entries", None) or {}
+        int8 = sorted(n for n, e in ov_entries.items() if getattr(e, "precision", None) == "int8")
+        if int8:
+            # int8 is opt-in: no image-level gate has passed it here (see engines/ov_int8.py).
+            log.info("OpenVINO int8 engines are built (%s) but `auto` does not pick them: pass --backend openvino "
+                     "to run them", ", ".join(int8))
+        elif ov_entries:
             import torch
 
             ok, why = backend_available("openvino")
