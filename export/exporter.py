@@ -256,8 +256,11 @@ class ExportPlan:
 
     def kept(self, out: Path, previous: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Records of ``previous`` that are still valid: same key, files intact."""
+        # A switchable component exported before it recorded its parameter map is redone (the map is
+        # what run-time LoRA switching writes through).
         comps = {n: r for n, r in (previous.get("components") or {}).items()
-                 if isinstance(r, dict) and self.component_keys.get(n) == r.get("key") and _files_ok(out, r.get("files"))}
+                 if isinstance(r, dict) and self.component_keys.get(n) == r.get("key") and _files_ok(out, r.get("files"))
+                 and (not _switchable(self.parts.get(n, "")) or "parameters" in r)}
         assets = {a: r for a, r in (previous.get("assets") or {}).items()
                   if isinstance(r, dict) and self.asset_keys.get(a) == r.get("key") and _files_ok(out, r.get("files"))}
         return comps, assets
@@ -481,7 +484,7 @@ def _export_component(plan: ExportPlan, out: Path, name: str, get_module: Callab
     spec = plan.specs[name]
     wrapped = wrap_module(name, get_module())
     # The switchable components: their parameters' fingerprints while the module is here.
-    prints = fingerprint_parameters(get_module()) if plan.parts[name] in LORA_PARTS else None
+    prints = fingerprint_parameters(get_module()) if _switchable(plan.parts[name]) else None
     rel_dir = Path("onnx") / name
     with atomic_dir(out / rel_dir) as tmp:
         path = tmp / "model.onnx"
@@ -514,6 +517,12 @@ def _export_component(plan: ExportPlan, out: Path, name: str, get_module: Callab
         "size_bytes": size,
         **({"parameters": parameters} if parameters is not None else {}),
     }
+
+
+def _switchable(part: str) -> bool:
+    """Whether a component of ``part`` takes run-time LoRAs (its record carries the parameter map):
+    the LoRA parts, and their own copies ("unet#controlnet": the ControlNet UNet)."""
+    return part.split("#", 1)[0] in LORA_PARTS
 
 
 def _controlnet_records(plan: ExportPlan) -> dict[str, Any]:

@@ -86,12 +86,21 @@ class _Gate:
     waiting_other: int = 0
 
 
+#: component -> the model part whose LoRA deltas it takes: ``unet_controlnet`` (the base UNet that
+#: also takes ControlNet residuals) is the base UNet's weights again, so it switches with it --
+#: otherwise a ControlNet call would run without the active LoRAs.
+LORA_TARGETS = {**{p: p for p in LORA_PARTS}, "unet_controlnet": "unet"}
+
+
 class LoraSwitcher:
-    """The LoRA state of one pipeline's runners (text encoders and base UNet)."""
+    """The LoRA state of one pipeline's runners (text encoders, base UNet, and the ControlNet UNet).
+
+    Internally keyed by *component* (:data:`LORA_TARGETS`); a LoRA's deltas are per model part.
+    """
 
     def __init__(self, artifacts: Any, runners: Mapping[str, Any], lora_dir: str | Path | None = None):
         self.artifacts = artifacts
-        self.runners = {p: runners[p] for p in LORA_PARTS if p in runners}
+        self.runners = {c: runners[c] for c in LORA_TARGETS if c in runners}
         self.lora_dir = lora_dir
         #: False on servers: requests name LoRAs in ``lora_dir``, never file paths
         self.allow_paths = True
@@ -164,7 +173,7 @@ class LoraSwitcher:
             base = self._base_values(part, params)
             full = {n: base[n].clone() for n in params if base[n].numel()}  # empty: unused by the graph
             for lora, scale in lset.items:
-                for n, d in self._cached(lora).get(part, {}).items():
+                for n, d in self._cached(lora).get(LORA_TARGETS[part], {}).items():
                     if n in full:
                         full[n].add_(dense(d) * scale)
             out[part] = full
@@ -176,10 +185,12 @@ class LoraSwitcher:
         touched = {p: set(self._base[p]) for p in self.runners}
         for lora, _ in lset.items:
             for part, d in self._cached(lora).items():
-                if part not in self.runners:
+                components = [c for c, p in LORA_TARGETS.items() if p == part and c in self.runners]
+                if not components:
                     raise InvalidLoraError(f"LoRA {lora.name} touches {part}, which this pipeline did not load",
                                            "open the pipeline with every component")
-                touched[part] |= set(d)
+                for c in components:
+                    touched[c] |= set(d)
         touched = {p: n for p, n in touched.items() if n}
         new = self._weights_for(lset, touched)
         per_runner: dict[str, float] = {}
@@ -241,7 +252,7 @@ class LoraSwitcher:
         missing = sorted(names - set(cache))
         if missing:
             if self.runners[part].weight_keys == "torch":
-                cache.update(_read_torch_weights(self.artifacts, part, missing))
+                cache.update(_read_torch_weights(self.artifacts, LORA_TARGETS[part], missing))
             else:
                 params = self._param_map(part)
                 mapping, shared = params["map"], set(params.get("shared", ()))

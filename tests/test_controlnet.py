@@ -71,15 +71,23 @@ class Reference:
         self.refiner = model.refiner_pipeline()
         self.refiner.set_progress_bar_config(disable=True)
 
-    def __call__(self, c: Case) -> tuple[torch.Tensor, np.ndarray]:
+    def __call__(self, c: Case, lora: tuple[str, float] | None = None) -> tuple[torch.Tensor, np.ndarray]:
         base = self.model.base_pipeline()
         nets = [self.nets[n] for n in c.nets]
         cn = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
         cls = StableDiffusionXLControlNetPipeline if c.strength is None else StableDiffusionXLControlNetImg2ImgPipeline
         comps = {k: v for k, v in base.components.items() if k in
                  ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")}
+        if lora is not None:  # fused into copies: the shared tiny model stays as it is
+            import copy
+
+            comps.update({k: copy.deepcopy(comps[k]) for k in ("text_encoder", "text_encoder_2", "unet")})
         pipe = cls(**comps, controlnet=cn, force_zeros_for_empty_prompt=True, add_watermarker=False)
         pipe.set_progress_bar_config(disable=True)
+        if lora is not None:
+            pipe.load_lora_weights(lora[0], adapter_name="style")
+            pipe.set_adapters(["style"], [lora[1]])
+            pipe.fuse_lora()
         final: dict[str, torch.Tensor] = {}
 
         def keep(p: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
@@ -145,6 +153,23 @@ def test_controlnet_matches_diffusers(name, pipe, reference):
     assert lat_err <= LATENT_TOL and pix_err <= PIXEL_TOL
     assert [u["name"] for u in ours.info["controlnet"]["controlnets"]] == list(c.nets)
     assert "controlnet" in ours.timings.to_dict().get("stages", ours.timings.to_dict())
+
+
+def test_a_runtime_lora_reaches_the_controlnet_unet(pipe, reference, tiny_model, tmp_path):
+    """A LoRA set at run time is on the ControlNet UNet too (the base UNet's weights again, its own
+    graph): == diffusers' ControlNet pipeline with the LoRA fused, and != the call without it."""
+    from lora_files import diffusers_lora
+
+    lora = diffusers_lora(tiny_model, tmp_path / "style.safetensors", seed=7)
+    c = CASES["one"]
+    ref_latents, ref_images = reference(c, (str(lora), 0.8))
+    ours = _ours(pipe, c, loras={str(lora): 0.8})
+    lat_err = float((ours.latents - ref_latents).abs().max())
+    pix_err = float(np.abs(ours.images - ref_images).max())
+    print(f"\ncontrolnet + run-time LoRA: max |latent diff| {lat_err:.2e}, max |pixel diff| {pix_err * 255:.3f}/255")
+    assert lat_err <= LATENT_TOL and pix_err <= PIXEL_TOL
+    assert float(np.abs(ours.images - _ours(pipe, c).images).max()) > 0.02  # the LoRA changed the image
+    assert pipe.loras.last_switch is not None and "unet_controlnet" in pipe.loras.last_switch["components"]
 
 
 def test_the_controlnet_changes_the_image(pipe):
