@@ -40,6 +40,28 @@ class UnknownPreprocessorError(InvalidRequestError):
     """A preprocessor (module) we do not have, or one that needs model weights."""
 
 
+#: A1111's processor-resolution slider tops out at 2048. Larger only costs memory: a 64x64 image at
+#: 100000 would be resized to a 30 GB array before any check of the request's size could help.
+MAX_PROCESSOR_RES = 2048
+
+
+class PreprocessorArgumentError(InvalidRequestError):
+    """A preprocessor argument out of its range (``param`` names it: processor_res, threshold_a/_b)."""
+
+    def __init__(self, param: str, message: str, hint: str):
+        super().__init__(message, hint)
+        self.param = param
+
+
+def _threshold_value(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(float(value)):
+        raise PreprocessorArgumentError(name, f"{name} must be a finite number, got {value!r}",
+                                        f"send a number for {name} (-1: the preprocessor's default)")
+    return float(value)
+
+
 def module_list() -> list[str]:
     return ["none", "canny", "invert", "tile_resample"]
 
@@ -100,7 +122,15 @@ def detect(image: Any, module: Any, *, processor_res: int = 512, threshold_a: fl
     if name == "invert":
         return 255 - arr
     h, w = arr.shape[:2]
+    threshold_a, threshold_b = _threshold_value("threshold_a", threshold_a), _threshold_value("threshold_b", threshold_b)
+    if processor_res is not None and (isinstance(processor_res, bool) or not isinstance(processor_res, (int, float))
+                                      or not np.isfinite(float(processor_res))):
+        raise PreprocessorArgumentError("processor_res", f"processor_res must be a number, got {processor_res!r}",
+                                        f"send 64..{MAX_PROCESSOR_RES} (-1: the image's own size)")
     res = int(processor_res) if processor_res and int(processor_res) > 0 else min(h, w)
+    if res > MAX_PROCESSOR_RES:
+        raise PreprocessorArgumentError("processor_res", f"processor_res {res} is over {MAX_PROCESSOR_RES}",
+                                        f"send 64..{MAX_PROCESSOR_RES} (A1111's range), or -1 for the image's own size")
     k = res / min(h, w)
     work = _resize(arr, round(w * k), round(h * k))
     if name == "canny":
@@ -113,6 +143,9 @@ def detect(image: Any, module: Any, *, processor_res: int = 512, threshold_a: fl
     # tile_resample: downsample by the rate (threshold_a, >= 1)
     rate = 1.0 if threshold_a is None or threshold_a < 1 else float(threshold_a)
     hh, ww = work.shape[:2]
+    if int(min(hh, ww) / rate) < 1:
+        raise PreprocessorArgumentError("threshold_a", f"tile_resample's down-sampling rate {rate:g} leaves no pixel "
+                                        f"of a {hh}x{ww} map", "send a rate (threshold_a) between 1 and 8")
     return _resize(work, int(ww / rate), int(hh / rate))
 
 
@@ -146,8 +179,8 @@ def control_map(image: Any, module: Any, height: int, width: int, *, resize_mode
     """The control map a unit asks for, at the call's size (PIL RGB)."""
     arr = _rgb(image)
     if pixel_perfect:
-        processor_res = pixel_perfect_resolution(arr.shape[0], arr.shape[1], height, width,
-                                                 canonical_resize_mode(resize_mode))
+        processor_res = min(MAX_PROCESSOR_RES, pixel_perfect_resolution(arr.shape[0], arr.shape[1], height, width,
+                                                                         canonical_resize_mode(resize_mode)))
     detected = detect(arr, module, processor_res=processor_res, threshold_a=threshold_a, threshold_b=threshold_b)
     return Image.fromarray(fit(detected, height, width, resize_mode))
 

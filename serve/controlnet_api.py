@@ -100,7 +100,8 @@ def _unit_map(unit: Mapping[str, Any], where: str, height: int, width: int, *, m
     except ParamError:
         raise
     except InvalidRequestError as exc:
-        key = "module" if "preprocessor" in exc.message else "resize_mode" if "resize_mode" in exc.message else "image"
+        key = getattr(exc, "param", None) or (
+            "module" if "preprocessor" in exc.message else "resize_mode" if "resize_mode" in exc.message else "image")
         raise ParamError(f"{where}.{key}", exc.message, exc.hint) from None
 
 
@@ -270,6 +271,7 @@ def register(app: Any, get_pipe: Any, guarded: Any) -> None:
     from ..runtime import available_controlnets as available
     from ..runtime import detect_control, preprocessor_list
     from .common import png_b64
+    from .schemas import ControlNetDetected, ControlNetDetectRequest, body_doc
 
     @app.get("/controlnet/version")
     @guarded
@@ -287,7 +289,7 @@ def register(app: Any, get_pipe: Any, guarded: Any) -> None:
     async def cn_modules(request: Request) -> Any:
         return {"module_list": preprocessor_list()}
 
-    @app.post("/controlnet/detect")
+    @app.post("/controlnet/detect", response_model=ControlNetDetected, openapi_extra=body_doc(ControlNetDetectRequest))
     @guarded
     async def cn_detect(request: Request) -> Any:
         from starlette.concurrency import run_in_threadpool
@@ -308,11 +310,12 @@ def register(app: Any, get_pipe: Any, guarded: Any) -> None:
                 res = body.get("controlnet_processor_res", 512)
                 try:
                     m = detect_control(img, body.get("controlnet_module", "none"),
-                                  processor_res=int(res) if isinstance(res, (int, float)) and res > 0 else 512,
-                                  threshold_a=body.get("controlnet_threshold_a"),
-                                  threshold_b=body.get("controlnet_threshold_b"))
+                                       processor_res=512 if res is None or res == -1 else res,
+                                       threshold_a=body.get("controlnet_threshold_a"),
+                                       threshold_b=body.get("controlnet_threshold_b"))
                 except InvalidRequestError as exc:
-                    raise ParamError("controlnet_module", exc.message, exc.hint) from None
+                    raise ParamError("controlnet_" + (getattr(exc, "param", None) or "module"), exc.message,
+                                     exc.hint) from None
                 from PIL import Image
 
                 out.append(png_b64(Image.fromarray(m)))

@@ -296,6 +296,23 @@ class PngInfoRequest(BaseModel):
     image: str = Field(description="base64 PNG or data URL")
 
 
+class ControlNetDetectRequest(_Open):
+    """The ControlNet extension's ``POST /controlnet/detect`` body (fields as the extension names them)."""
+
+    controlnet_images: list[str] = Field(description="base64 images (or data URLs) to preprocess")
+    controlnet_module: str = Field("none", description="a preprocessor of GET /controlnet/module_list")
+    controlnet_processor_res: float = Field(512, description="short side to preprocess at, 64..2048 "
+                                                             "(-1: the image's own size)")
+    controlnet_threshold_a: float | None = Field(None, description="canny low threshold / tile_resample rate "
+                                                                   "(-1: the default)")
+    controlnet_threshold_b: float | None = Field(None, description="canny high threshold (-1: the default)")
+
+
+class ControlNetDetected(BaseModel):
+    images: list[str]
+    info: str
+
+
 class PngInfo(BaseModel):
     info: str
     items: dict[str, Any]

@@ -47,6 +47,27 @@ def tiny_artifacts_copy(tiny_artifacts, tmp_path) -> Path:
     return dst
 
 
+#: The OpenVINO fp32 build the OpenVINO modules share (buckets, batch sizes).
+OV_BUCKETS, OV_BATCHES = "256x256,192x320", (1, 2)
+
+
+@pytest.fixture(scope="session")
+def tiny_ov_fp32(tmp_path_factory, tiny_artifacts) -> Path:
+    """The tiny export with OpenVINO fp32 engines only (``build --backend openvino`` over
+    :data:`OV_BUCKETS`, batch 1 and 2), built once per session. Read-only: copy it to change it."""
+    from sdxl_export.openvino_env import ov_status
+
+    ok, why = ov_status()
+    if not ok:
+        pytest.skip(why)
+    from sdxl_export.engines.build import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("tiny-ov-fp32") / "artifacts"
+    shutil.copytree(tiny_artifacts, out)
+    build(BuildOptions(out=out, backend="openvino", buckets=OV_BUCKETS, batch_sizes=OV_BATCHES))
+    return out
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """The diffusers reference runs PyTorch on the CPU: one intra-op thread keeps it fast on a loaded

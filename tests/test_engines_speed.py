@@ -15,15 +15,18 @@ from sdxl_export.openvino_env import ov_status
 from sdxl_export.runtime import SDXLPipeline
 
 pytestmark = pytest.mark.skipif(not ov_status()[0], reason=ov_status()[1])
-BUCKETS = "256x256"
+BUCKETS, BATCHES = "256x256,192x320", (1, 2)  # conftest's OV_BUCKETS/OV_BATCHES: the shared build's
 
 
 @pytest.fixture(scope="module")
-def both(tmp_path_factory, tiny_artifacts):
+def both(tmp_path_factory, tiny_ov_fp32):
+    """The shared OpenVINO fp32 build plus its ONNX Runtime twin; the OpenVINO rebuild after the
+    twin exists measures each component on both (nothing else is rebuilt)."""
     out = tmp_path_factory.mktemp("tiny-speed") / "artifacts"
-    shutil.copytree(tiny_artifacts, out)
-    build(BuildOptions(out=out, backend="onnxruntime", buckets=BUCKETS, batch_sizes=(1,)))
-    build(BuildOptions(out=out, backend="openvino", buckets=BUCKETS, batch_sizes=(1,)))
+    shutil.copytree(tiny_ov_fp32, out)
+    build(BuildOptions(out=out, backend="onnxruntime", buckets=BUCKETS, batch_sizes=BATCHES))
+    again = build(BuildOptions(out=out, backend="openvino", buckets=BUCKETS, batch_sizes=BATCHES))
+    assert again.up_to_date
     return out
 
 
@@ -43,7 +46,7 @@ def test_build_measures_every_fp32_component_against_its_twin(both):
         assert d.get("run_on") == ("onnxruntime" if faster == "onnxruntime" else None), name
     # a rebuild with nothing changed measures nothing again (same engines, same record)
     before = {n: d["speed"]["measured_at"] for n, d in ov.items()}
-    build(BuildOptions(out=both, backend="openvino", buckets=BUCKETS, batch_sizes=(1,)))
+    build(BuildOptions(out=both, backend="openvino", buckets=BUCKETS, batch_sizes=BATCHES))
     after = {n: d["speed"]["measured_at"] for n, d in _manifest(both)["openvino"]["engines"].items()}
     assert after == before
 

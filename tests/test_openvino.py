@@ -41,8 +41,8 @@ def _build(tmp_path_factory, tiny_artifacts, precision: str):
 
 
 @pytest.fixture(scope="module")
-def ov_fp32(tmp_path_factory, tiny_artifacts):
-    return _build(tmp_path_factory, tiny_artifacts, "fp32")[0]
+def ov_fp32(tiny_ov_fp32):
+    return tiny_ov_fp32  # conftest: built once, shared with test_engines_speed
 
 
 @pytest.fixture(scope="module")

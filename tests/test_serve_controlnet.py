@@ -89,6 +89,9 @@ def test_native_controlnets_equal_the_python_api(server, pipe):
     ({"weight": 2.5}, "weight"),
     ({"guidance_start": 0.6, "guidance_end": 0.4}, "guidance_start"),
     ({"image": "not base64!"}, "image"),
+    ({"module": "canny", "processor_res": 100000}, "processor_res"),  # would resize to a 30 GB array
+    ({"module": "canny", "threshold_a": "low"}, "threshold_a"),
+    ({"module": "tile_resample", "threshold_a": 1e6}, "threshold_a"),
 ])
 def test_bad_units_are_400_naming_the_field(server, unit, param):
     img = webuiapi.raw_b64_img(control_map(64, 64))
@@ -99,3 +102,22 @@ def test_bad_units_are_400_naming_the_field(server, unit, param):
     assert param in raw.decode(), raw
     status, _, _ = request(server.url + "/sdapi/v1/txt2img", {"prompt": "x", "steps": 1, "width": 64, "height": 64})
     assert status == 200  # still serving
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"controlnet_processor_res": 100000}, "controlnet_processor_res"),
+    ({"controlnet_processor_res": "big"}, "controlnet_processor_res"),
+    ({"controlnet_threshold_a": "low"}, "controlnet_threshold_a"),
+    ({"controlnet_module": "tile_resample", "controlnet_threshold_a": 1e6}, "controlnet_threshold_a"),
+    ({"controlnet_module": "depth_midas"}, "controlnet_module"),
+    ({"controlnet_images": []}, "controlnet_images"),
+])
+def test_detect_refuses_hostile_arguments_with_a_400_naming_them(server, extra, param):
+    body = {"controlnet_images": [webuiapi.raw_b64_img(control_map(64, 64))], "controlnet_module": "canny", **extra}
+    status, _, raw = request(server.url + "/controlnet/detect", body)
+    assert status == 400, raw
+    assert param in raw.decode(), raw
+    status, _, raw = request(server.url + "/controlnet/detect", {**body, **{k: v for k, v in {
+        "controlnet_images": body["controlnet_images"] or [webuiapi.raw_b64_img(control_map(64, 64))],
+        "controlnet_module": "canny", "controlnet_processor_res": 64, "controlnet_threshold_a": 100}.items()}})
+    assert status == 200, raw  # still serving

@@ -42,7 +42,6 @@ def test_the_schema_describes_every_route_and_body(fuzz_server):
         assert ok.get("content"), (method, path)  # every 200 documents its body
         if method == "POST" and path not in ("/sdapi/v1/interrupt", "/sdapi/v1/skip", "/sdapi/v1/refresh-loras",
                                              "/sdapi/v1/refresh-checkpoints", "/sdapi/v1/refresh-vae",
-                                             "/controlnet/detect",  # registered by controlnet_api, body undocumented
                                              "/v1/images/edits"):  # multipart (docs/inpainting-and-hires.md)
             assert op.get("requestBody", {}).get("content", {}).get("application/json"), (method, path)
 
