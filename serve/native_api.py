@@ -6,7 +6,8 @@ negative conditioning), ``num_images_per_prompt``, ``height``, ``width``,
 ``scheduler``, ``original_size``, ``crops_coords_top_left``, ``target_size``,
 ``aesthetic_score``, ``negative_aesthetic_score``; img2img: ``image`` (base64 or a data URL;
 every output starts from it, at its size unless ``height``/``width`` resize it), ``strength``
-(default 0.3, diffusers'), ``refiner_only``; a ``mask`` is refused; ``loras``: ``{name: scale}``,
+(default 0.3, diffusers'), ``refiner_only``; inpainting: ``mask_image`` (alias ``mask``; white =
+repaint; with ``image``; strength default 0.9999 as diffusers'), ``padding_mask_crop``; ``loras``: ``{name: scale}``,
 names of files in the server's ``--lora-dir``. Images come in diffusers' order (each
 prompt's images together); image i uses ``seed + i``. The answer carries the images (base64
 PNG), every seed, and the queue wait, batch size and per-stage timings of each image's call.
@@ -33,7 +34,8 @@ from .limits import FLOAT_BOUNDS
 KNOWN = {"loras", "prompt", "negative_prompt", "num_images_per_prompt", "height", "width", "num_inference_steps",
          "guidance_scale", "denoising_end", "refiner", "seed", "scheduler", "original_size",
          "crops_coords_top_left", "target_size", "aesthetic_score", "negative_aesthetic_score", "image",
-         "strength", "refiner_only", "mask", "mask_image", "controlnets", "eta", "timesteps", "sigmas"}
+         "strength", "refiner_only", "mask", "mask_image", "padding_mask_crop", "controlnets", "eta", "timesteps",
+         "sigmas"}
 
 
 def _texts(body: dict[str, Any], key: str) -> list[str] | None:
@@ -94,13 +96,9 @@ def parse(body: Any, *, has_refiner: bool, max_images: int) -> ParsedRequest:
     if n > max_images:
         raise ParamError("num_images_per_prompt", f"{n} images requested, at most {max_images} per request",
                          "ask for fewer images")
-    for key in ("mask", "mask_image"):
-        if body.get(key) is not None:
-            raise ParamError(key, f"a '{key}' was sent, but inpainting is not supported",
-                             f"remove '{key}': img2img ('image' with 'strength') repaints the whole image",
-                             code="unsupported_value")
     kwargs: dict[str, Any] = {"refiner": get_bool(body, "refiner", has_refiner)}
     image = decode_image(body["image"], "image") if body.get("image") is not None else None
+    mask = _mask(body, image, kwargs)
     strength = get_float(body, "strength", None, lo=0.0, hi=1.0, lo_open=True)
     if strength is not None:
         kwargs["strength"] = strength
@@ -136,4 +134,23 @@ def parse(body: Any, *, has_refiner: bool, max_images: int) -> ParsedRequest:
     seed = get_int(body, "seed", None, lo=-1)
     return ParsedRequest(prompts=expanded, negatives=negs, seeds=seeds_for(seed, n), kwargs=kwargs,
                          echo={k: body[k] for k in body if k not in ("prompt", "negative_prompt", "image", "controlnets")},
-                         images=None if image is None else [image] * n)
+                         images=None if image is None else [image] * n, masks=None if mask is None else [mask] * n)
+
+
+def _mask(body: dict[str, Any], image: Any, kwargs: dict[str, Any]) -> Any:
+    """Inpainting (diffusers' ``StableDiffusionXLInpaintPipeline``): ``mask_image`` (alias ``mask``),
+    white = repaint, with ``image``; ``padding_mask_crop`` crops around the mask and pastes back."""
+    keys = [k for k in ("mask_image", "mask") if body.get(k) is not None]
+    if len(keys) > 1:
+        raise ParamError("mask", "both 'mask_image' and 'mask' were sent", "send the mask once, as 'mask_image'")
+    padding = get_int(body, "padding_mask_crop", None, lo=0, hi=4096)
+    if not keys:
+        if padding is not None:
+            raise ParamError("padding_mask_crop", "'padding_mask_crop' needs a mask",
+                             "send 'mask_image' (white = repaint) with 'image', or drop 'padding_mask_crop'")
+        return None
+    if image is None:
+        raise ParamError(keys[0], f"'{keys[0]}' needs the image it masks", "send 'image' (base64) with the mask")
+    if padding is not None:
+        kwargs["padding_mask_crop"] = padding
+    return decode_image(body[keys[0]], keys[0])

@@ -162,8 +162,12 @@ class NativeRequest(BaseModel):
     target_size: list[int] | None = Field(None, min_length=2, max_length=2)
     aesthetic_score: float | None = Field(None, ge=-100, le=100)
     negative_aesthetic_score: float | None = Field(None, ge=-100, le=100)
-    image: str | None = Field(None, description="base64 image or data URL (img2img)")
+    image: str | None = Field(None, description="base64 image or data URL (img2img, inpainting)")
     strength: float | None = Field(None, gt=0, le=1)
+    mask_image: str | None = Field(None, description="inpainting: base64 mask (white = repaint) of 'image'; "
+                                                     "alias 'mask'")
+    padding_mask_crop: int | None = Field(None, ge=0, le=4096,
+                                          description="inpainting: crop around the mask with this margin, paste back")
     refiner_only: bool | None = None
     loras: dict[str, float] | None = None
     eta: float | None = Field(None, ge=0, le=1, description="diffusers' eta (DDIM, TCD)")

@@ -224,3 +224,41 @@ def test_openai_edit_bad_input_names_the_field_and_the_server_keeps_serving(serv
     res = client.images.edit(image=("in.png", rgb, "image/png"), mask=("m.png", _png(mask), "image/png"),
                              prompt="x", extra_body={"seed": 1, "steps": 2})
     assert png_array(res.data[0].b64_json).shape == (256, 256, 3)
+
+
+# ---- native: inpainting on /v1/generate ----------------------------------------------------------------------
+def _b64(image: Image.Image) -> str:
+    import base64
+
+    return base64.b64encode(_png(image)).decode()
+
+
+def test_native_inpainting_equals_the_runtime(server, pipe):
+    init, area = test_image(256, 256, seed=8), _mask(256, 256)
+    for extra, kw in (({}, {}), ({"strength": 0.7, "padding_mask_crop": 16}, {"strength": 0.7, "padding_mask_crop": 16})):
+        status, _, raw = request(server.url + "/v1/generate", {
+            "prompt": "a green lamp", "image": _b64(init), "mask_image": _b64(area), "seed": 12,
+            "num_inference_steps": STEPS, "num_images_per_prompt": 2, **extra})
+        assert status == 200, raw
+        out = json.loads(raw)
+        assert out["seeds"] == [12, 13]
+        for i, b64 in enumerate(out["images"]):
+            ref = pipe("a green lamp", image=init, mask_image=area, num_inference_steps=STEPS, seed=12 + i,
+                       **kw).images[0]
+            assert_same_pixels(png_array(b64), pil_array(ref))
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"mask_image": "MASK"}, "mask_image"),  # no image to mask
+    ({"image": "IMG", "mask_image": "MASK", "mask": "MASK"}, "mask"),
+    ({"image": "IMG", "padding_mask_crop": 8}, "padding_mask_crop"),  # no mask
+    ({"image": "IMG", "mask_image": "not base64!"}, "mask_image"),
+    ({"image": "IMG", "mask_image": "BLACK"}, "mask"),  # nothing to repaint
+])
+def test_native_inpainting_bad_input_is_400_naming_the_field(server, body, param):
+    values = {"IMG": _b64(test_image(256, 256)), "MASK": _b64(_mask(256, 256)),
+              "BLACK": _b64(Image.new("L", (256, 256), 0))}
+    body = {k: values.get(v, v) if isinstance(v, str) else v for k, v in body.items()}
+    status, _, raw = request(server.url + "/v1/generate", {"prompt": "x", "num_inference_steps": 2, **body})
+    assert status == 400, raw
+    assert param in raw.decode(), raw
