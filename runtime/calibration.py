@@ -86,13 +86,32 @@ class UNetCalibration:
             log.info("int8 calibration: running the shipped prompts until %d UNet calls are recorded (%s)",
                      n, ", ".join(samples))
             base = samples.get("unet", next(iter(samples.values()), []))
+            inpainting = pipe.unet_in_channels != pipe.latent_channels  # a 9-channel UNet: it only inpaints
             i = 0
             while len(base) < n and i < n:  # at least one UNet call per image: bounded by n images
+                extra = _inpainting_inputs(pipe.native_size, self.seed + i) if inpainting else {}
                 pipe(self.prompts[i % len(self.prompts)], num_inference_steps=self.steps, seed=self.seed + i,
-                     output_type="latent")
+                     output_type="latent", refiner=pipe.has_refiner, **extra)
                 i += 1
                 if self.progress is not None:
                     self.progress(min(len(base), n), n)
         out = {name: s[:n] for name, s in samples.items()}
         log.info("int8 calibration: %s", ", ".join(f"{k} {len(v)} UNet calls" for k, v in out.items()))
         return out
+
+
+def _inpainting_inputs(size: int, seed: int) -> dict[str, Any]:
+    """An image and a mask for an inpainting UNet's calibration call: smooth seeded colour fields (the
+    statistics of a photo's low frequencies, not of white noise) and a rectangle of varying place and
+    size to repaint."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.random((8, 8, 3)) * 255
+    image = Image.fromarray(coarse.astype(np.uint8), "RGB").resize((size, size), Image.BICUBIC)
+    mask = np.zeros((size, size), np.uint8)
+    h, w = (int(size * f) for f in rng.uniform(0.25, 0.6, 2))
+    top, left = (int(rng.integers(0, size - d)) for d in (h, w))
+    mask[top:top + h, left:left + w] = 255
+    return {"image": image, "mask_image": Image.fromarray(mask, "L")}
+

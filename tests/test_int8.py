@@ -122,3 +122,16 @@ def test_api_without_calibration_and_too_few_samples_are_named_errors(tiny_artif
     with pytest.raises(InvalidRequestError):
         BuildOptions(precision="int8", calibration_samples=2)
     assert "--precision int8" in BuildOptions(precision="int8", calibration_samples=50).to_cli()
+
+
+def test_an_inpainting_unet_without_refiner_calibrates_on_inpainting_calls(tmp_path):
+    """A 9-channel UNet only inpaints (txt2img is a named error), so its calibration calls carry an
+    image and a mask: the recorded samples have the 9 input channels. The export has no refiner (as
+    few-step and inpainting builds often have not): calibration runs base only."""
+    from sdxl_export.export import export_model
+
+    out = tmp_path / "inpaint"
+    export_model("tiny-inpaint", out, with_refiner=False)
+    samples = UNetCalibration(steps=4)(out, "unet", 8)
+    assert len(samples) == 8 and all(s["sample"].shape[1] == 9 for s in samples)
+    assert np.all(np.isfinite(samples[0]["sample"]))
